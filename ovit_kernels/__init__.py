@@ -1,0 +1,29 @@
+"""ovit-kernels: fast second-order (Optimal Brain Surgeon) pruning kernels for Vision Transformers.
+
+Public contract (SPEC §4). Every function takes ``backend="auto" | "cuda" | "triton" |
+"reference"`` (environment override ``OVIT_BACKEND``); :func:`available_backends` says what
+can run here.
+"""
+
+from ._backend import BackendStatus, available_backends
+from .errors import BackendUnavailableError, NotPositiveDefiniteError, OvitError
+from .fisher import FisherInverse, fisher_inverse, woodbury_update_
+from .obs import obs_prune_order, obs_reconstruct, obs_scores, obs_update_independent, prune_counts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendStatus",
+    "BackendUnavailableError",
+    "FisherInverse",
+    "NotPositiveDefiniteError",
+    "OvitError",
+    "available_backends",
+    "fisher_inverse",
+    "obs_prune_order",
+    "obs_reconstruct",
+    "obs_scores",
+    "obs_update_independent",
+    "prune_counts",
+    "woodbury_update_",
+]

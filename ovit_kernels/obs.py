@@ -1,0 +1,231 @@
+"""OBS scores, the two pruners, global selection and reconstruction (SPEC §3).
+
+Every function validates its inputs here, once, then runs the implementation the backend
+selector picks. Blocks are independent, so any of these may be called on a slice of blocks
+(for example one shard per GPU) and the results concatenated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _backend, _checks
+from .errors import NotPositiveDefiniteError
+
+_PIVOT_HINT = (
+    "a pivot H_qq <= 0 or a non-finite score was met even in float64; "
+    "the inverse is not positive definite: use a larger damp"
+)
+
+
+def _positive_diag(finv: torch.Tensor) -> None:
+    diag = finv.diagonal(dim1=1, dim2=2)
+    bad = (~(diag > 0).all(dim=1) | ~torch.isfinite(finv).all(dim=(1, 2))).nonzero().flatten().tolist()
+    if bad:
+        raise NotPositiveDefiniteError("finv has a non-positive or non-finite diagonal / entries", bad)
+
+
+def obs_scores(w_blocks: torch.Tensor, finv: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Saliencies ρ_j = w_j² / (2 [H_b]_jj).
+
+    Args:
+        w_blocks: (nb, B) weights, any floating dtype.
+        finv: (nb, B, B) float32/float64 inverse Fisher blocks, same device.
+
+    Returns:
+        (nb, B) tensor of ``finv.dtype``.
+    """
+    _checks.blocks_and_finv(w_blocks, finv)
+    _positive_diag(finv)
+    _, fn = _backend.implementation("obs_scores", finv.device, backend)
+    return fn(w_blocks, finv)
+
+
+def obs_update_independent(
+    w_blocks: torch.Tensor, finv: torch.Tensor, prune_mask: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """WoodFisher/oBERT update: w ← w − H_b (w ⊙ 1_S / diag H_b), then w_S = 0.
+
+    Args:
+        w_blocks: (nb, B) weights.
+        finv: (nb, B, B) float32/float64 inverse Fisher blocks.
+        prune_mask: (nb, B) bool, True for the set S to prune.
+
+    Returns:
+        (nb, B) new weights in ``w_blocks.dtype`` (the input is not modified).
+    """
+    nb, b = _checks.blocks_and_finv(w_blocks, finv)
+    _checks.bool_mask("prune_mask", prune_mask, (nb, b), finv.device)
+    _positive_diag(finv)
+    _, fn = _backend.implementation("obs_update_independent", finv.device, backend)
+    return fn(w_blocks, finv, prune_mask)
+
+
+def _retry_fp64(bad: torch.Tensor, finv: torch.Tensor, run) -> torch.Tensor:
+    """Indices of float32 blocks that failed, after re-running them in float64 via ``run``."""
+    idx = bad.nonzero().flatten()
+    if idx.numel() and finv.dtype == torch.float32:
+        ok = run(idx)
+        idx = idx[~ok]
+    return idx
+
+
+def obs_prune_order(
+    w_blocks: torch.Tensor,
+    finv: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """oViT correlation-aware greedy elimination of every block (SPEC §3).
+
+    At each step the surviving entry with the smallest w_j²/H_jj is eliminated (ties: lowest
+    index), the survivors get the OBS update and H is downdated. Entries of ``mask`` (True =
+    already pruned) are eliminated first, in index order, at zero loss. With ``nm=(n, m)``,
+    groups of m consecutive entries that already lost m − n are skipped, and B·(m−n)/m steps
+    are taken.
+
+    Args:
+        w_blocks: (nb, B) weights, any floating dtype.
+        finv: (nb, B, B) float32/float64 inverse Fisher blocks (positive definite).
+        mask: optional (nb, B) bool of already-pruned entries.
+        nm: optional (n, m) N:M pattern; m must divide B.
+
+    Returns:
+        ``(order, loss)``: int64 (nb, steps) eliminated positions and ``finv.dtype`` (nb, steps)
+        cumulative losses (non-decreasing along steps).
+
+    Raises:
+        NotPositiveDefiniteError: a block meets a pivot H_qq <= 0 even after a float64 retry.
+    """
+    nb, b = _checks.blocks_and_finv(w_blocks, finv)
+    _checks.bool_mask("mask", mask, (nb, b), finv.device)
+    nm = _checks.nm_pattern(nm, b)
+    if nm is not None and mask is not None:
+        n, m = nm
+        lost = mask.view(nb, b // m, m).sum(-1)
+        if bool((lost > m - n).any()):
+            raise ValueError(f"mask already prunes more than {m - n} of {m} entries in some N:M group")
+    _checks.finite("w_blocks", w_blocks)
+    _positive_diag(finv)
+    _, fn = _backend.implementation("obs_prune_order", finv.device, backend)
+    order, loss, bad = fn(w_blocks, finv, mask, nm)
+
+    def run64(idx: torch.Tensor) -> torch.Tensor:
+        sub_mask = None if mask is None else mask[idx]
+        o, ls, bd = fn(w_blocks[idx], finv[idx].double(), sub_mask, nm)
+        order[idx] = o.to(order.dtype)
+        loss[idx] = ls.to(loss.dtype)
+        return ~bd
+
+    still = _retry_fp64(bad, finv, run64)
+    if still.numel():
+        raise NotPositiveDefiniteError("greedy elimination failed", still.tolist(), hint=_PIVOT_HINT)
+    return order, loss
+
+
+def prune_counts(
+    losses: torch.Tensor | Sequence[torch.Tensor],
+    sparsity: float,
+    *,
+    exclude: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Global selection: how many entries of each block's order to prune (SPEC §3).
+
+    Takes the K = floor(s · N_total + 0.5) smallest cumulative losses over every block of
+    every layer (ties broken by loss, layer, block, step), which is a prefix of each block's
+    order. Exactly K entries are pruned.
+
+    Args:
+        losses: one (nb, steps) tensor or a list of them (one per layer), same device.
+        sparsity: s in [0, 1).
+        exclude: optional, same structure with (nb,) ints: leading entries of each block's
+            order that are pruned anyway (padding) and stand outside N_total and K.
+
+    Returns:
+        int64 counts k_b of the same structure as ``losses``: (nb,) or a list of (nb_l,).
+    """
+    s = _checks.sparsity(sparsity)
+    single = isinstance(losses, torch.Tensor)
+    layers = [losses] if single else list(losses)
+    if not layers:
+        raise ValueError("losses is empty")
+    for i, loss in enumerate(layers):
+        _checks.floating(f"losses[{i}]", loss)
+        _checks.ndim(f"losses[{i}]", loss, 2, "(nb, steps)")
+        _checks.finite(f"losses[{i}]", loss)
+    dev = _checks.same_device(**{f"losses[{i}]": x for i, x in enumerate(layers)})
+    excl = None
+    if exclude is not None:
+        excl = [exclude] if isinstance(exclude, torch.Tensor) else list(exclude)
+        if len(excl) != len(layers):
+            raise ValueError(f"exclude has {len(excl)} entries for {len(layers)} layers")
+        for i, (e, loss) in enumerate(zip(excl, layers)):
+            if e.shape != (loss.shape[0],) or e.dtype.is_floating_point or e.dtype == torch.bool:
+                raise ValueError(f"exclude[{i}] must be an integer tensor of shape ({loss.shape[0]},)")
+            if e.device != dev:
+                raise ValueError(f"exclude[{i}] is on {e.device}, losses on {dev}")
+            if bool(((e < 0) | (e > loss.shape[1])).any()):
+                raise ValueError(f"exclude[{i}] must lie in [0, {loss.shape[1]}]")
+    _, fn = _backend.implementation("prune_counts", dev, backend)
+    out = fn(layers, s, excl)
+    return out[0] if single else out
+
+
+def obs_reconstruct(
+    w_blocks: torch.Tensor,
+    finv: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final weights: the joint OBS solution for the first ``counts[b]`` entries of each order.
+
+    Args:
+        w_blocks: (nb, B) weights as given to :func:`obs_prune_order`.
+        finv: (nb, B, B) float32/float64 inverse Fisher blocks.
+        order: (nb, steps) integer positions from :func:`obs_prune_order`.
+        counts: (nb,) integers in [0, steps] from :func:`prune_counts`.
+
+    Returns:
+        ``(w_new, keep)``: (nb, B) weights in ``w_blocks.dtype`` with the pruned entries zero,
+        and a (nb, B) bool mask, True where a weight is kept.
+    """
+    nb, b = _checks.blocks_and_finv(w_blocks, finv)
+    _checks.tensor("order", order)
+    _checks.tensor("counts", counts)
+    if order.dtype.is_floating_point or order.dtype == torch.bool or order.dim() != 2 or order.shape[0] != nb:
+        raise ValueError(f"order must be an integer tensor of shape ({nb}, steps), got {order.dtype} {tuple(order.shape)}")
+    if order.shape[1] > b:
+        raise ValueError(f"order has {order.shape[1]} steps, more than the block size {b}")
+    if counts.dtype.is_floating_point or counts.dtype == torch.bool or tuple(counts.shape) != (nb,):
+        raise ValueError(f"counts must be an integer tensor of shape ({nb},), got {counts.dtype} {tuple(counts.shape)}")
+    _checks.same_device(w_blocks=w_blocks, finv=finv, order=order, counts=counts)
+    if bool(((order < 0) | (order >= b)).any()):
+        raise ValueError(f"order holds positions outside [0, {b})")
+    if order.shape[1] > 1:
+        srt = order.sort(dim=1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError("order repeats a position within a block")
+    if bool(((counts < 0) | (counts > order.shape[1])).any()):
+        raise ValueError(f"counts must lie in [0, {order.shape[1]}]")
+    _checks.finite("w_blocks", w_blocks)
+    _positive_diag(finv)
+    _, fn = _backend.implementation("obs_reconstruct", finv.device, backend)
+    w_new, keep, bad = fn(w_blocks, finv, order, counts)
+
+    def run64(idx: torch.Tensor) -> torch.Tensor:
+        wn, kp, bd = fn(w_blocks[idx], finv[idx].double(), order[idx], counts[idx])
+        w_new[idx] = wn.to(w_new.dtype)
+        keep[idx] = kp
+        return ~bd
+
+    still = _retry_fp64(bad, finv, run64)
+    if still.numel():
+        raise NotPositiveDefiniteError("reconstruction failed", still.tolist(), hint=_PIVOT_HINT)
+    return w_new, keep

@@ -1,0 +1,236 @@
+"""Reference backend: plain PyTorch, vectorised over blocks, correct in float64.
+
+This module is the executable specification (SPEC §2, §3) that the Triton and CUDA backends
+are tested against. Functions here assume validated inputs (see ``ovit_kernels.ops``) and
+never modify their inputs except those whose name ends in ``_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._precision import no_tf32
+
+
+# ---------------------------------------------------------------------------------------------
+# Fisher inverse (SPEC §2)
+# ---------------------------------------------------------------------------------------------
+
+
+def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
+    """Apply the rank-one Sherman–Morrison steps of ``grads`` (k, N) to ``finv`` (nb, B, B), in order."""
+    nb, b, _ = finv.shape
+    g = grads.reshape(grads.shape[0], nb, b).to(finv.dtype)
+    with no_tf32():
+        for i in range(g.shape[0]):
+            gi = g[i]
+            u = torch.bmm(finv, gi.unsqueeze(-1)).squeeze(-1)
+            denom = num_grads + (gi * u).sum(-1)
+            finv.baddbmm_(u.unsqueeze(-1), (u / denom.unsqueeze(-1)).unsqueeze(-2), alpha=-1.0)
+
+
+def gram_update_(gram: torch.Tensor, grads: torch.Tensor) -> None:
+    """Accumulate ``gram[b] += Σ_i g_{i,b} g_{i,b}ᵀ`` for ``grads`` (k, N) into ``gram`` (nb, B, B)."""
+    nb, b, _ = gram.shape
+    g = grads.reshape(grads.shape[0], nb, b).to(gram.dtype).permute(1, 2, 0)  # (nb, B, k)
+    with no_tf32():
+        gram.baddbmm_(g, g.transpose(1, 2))
+
+
+def damped_fisher(gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str) -> torch.Tensor:
+    """F = λ' I + G / m per block (a new tensor). Relative mode: λ' = λ · mean(diag(G/m)),
+    falling back to λ for blocks whose Gram diagonal is all zero (fully masked blocks)."""
+    f = gram / num_grads
+    diag = f.diagonal(dim1=1, dim2=2)
+    if damp_mode == "relative":
+        mean = diag.mean(-1, keepdim=True)
+        lam = torch.where(mean > 0, damp * mean, torch.full_like(mean, damp))
+    else:
+        lam = damp
+    diag += lam
+    return f
+
+
+def gram_inverse(
+    gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert λ'I + G/m per block by Cholesky in the Gram's dtype.
+
+    Returns ``(finv, ok)``: (nb, B, B) in ``out_dtype`` and a (nb,) bool, False for blocks
+    that were not positive definite or gave NaN/Inf.
+    """
+    f = damped_fisher(gram, num_grads, damp, damp_mode)
+    chol, info = torch.linalg.cholesky_ex(f)
+    finv = torch.cholesky_inverse(chol)
+    ok = (info == 0) & torch.isfinite(finv).all(dim=(1, 2))
+    return finv.to(out_dtype), ok
+
+
+# ---------------------------------------------------------------------------------------------
+# OBS (SPEC §3)
+# ---------------------------------------------------------------------------------------------
+
+
+def obs_scores(w: torch.Tensor, finv: torch.Tensor) -> torch.Tensor:
+    """ρ_j = w_j² / (2 H_jj), shape (nb, B), dtype of ``finv``."""
+    w = w.to(finv.dtype)
+    return w * w / (2.0 * finv.diagonal(dim1=1, dim2=2))
+
+
+def obs_update_independent(w: torch.Tensor, finv: torch.Tensor, prune_mask: torch.Tensor) -> torch.Tensor:
+    """WoodFisher/oBERT update: w − H (w ⊙ 1_S / diag H), then w_S = 0. Returns (nb, B) in w's dtype."""
+    wd = w.to(finv.dtype)
+    x = torch.where(prune_mask, wd / finv.diagonal(dim1=1, dim2=2), torch.zeros_like(wd))
+    with no_tf32():
+        out = wd - torch.bmm(finv, x.unsqueeze(-1)).squeeze(-1)
+    return out.masked_fill(prune_mask, 0).to(w.dtype)
+
+
+def _group_full(elim: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """(nb, B) bool: True where the entry's N:M group has already lost m − n entries."""
+    nb, b = elim.shape
+    lost = elim.view(nb, b // m, m).sum(-1, dtype=torch.int32)
+    return (lost >= m - n).repeat_interleave(m, dim=1)
+
+
+def prune_steps(block: int, nm: tuple[int, int] | None) -> int:
+    """How many elimination steps a block of size ``block`` takes (SPEC §3)."""
+    if nm is None:
+        return block
+    n, m = nm
+    return block * (m - n) // m
+
+
+def obs_prune_order(
+    w: torch.Tensor,
+    finv: torch.Tensor,
+    mask: torch.Tensor | None,
+    nm: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy correlation-aware elimination, vectorised over blocks.
+
+    Returns ``(order, loss, bad)``: int64 (nb, steps), ``finv.dtype`` (nb, steps), and a (nb,)
+    bool that is True for blocks that met a pivot H_qq <= 0 or a non-finite score.
+    """
+    nb, b = w.shape
+    dt = finv.dtype
+    steps = prune_steps(b, nm)
+    hmat = finv.clone()
+    w = w.to(dt).clone()
+    elim = torch.zeros(nb, b, dtype=torch.bool, device=w.device)
+    pend = None if mask is None else mask.clone()
+    if pend is not None:
+        w.masked_fill_(pend, 0)
+    rows = torch.arange(nb, device=w.device)
+    cum = torch.zeros(nb, dtype=dt, device=w.device)
+    bad = torch.zeros(nb, dtype=torch.bool, device=w.device)
+    order = torch.empty(nb, steps, dtype=torch.int64, device=w.device)
+    loss = torch.empty(nb, steps, dtype=dt, device=w.device)
+    inf = torch.tensor(math.inf, dtype=dt, device=w.device)
+    with no_tf32():
+        for t in range(steps):
+            d = hmat.diagonal(dim1=1, dim2=2)
+            s = torch.where(elim, inf, w * w / d)
+            if nm is not None:
+                s = torch.where(_group_full(elim, *nm), inf, s)
+            q = s.argmin(1)
+            sq = s[rows, q]
+            if pend is not None:
+                has = pend.any(1)
+                first = pend.to(torch.uint8).argmax(1)
+                q = torch.where(has, first, q)
+                sq = torch.where(has, torch.zeros_like(sq), sq)
+                pend[rows, q] = False
+            hq = hmat[rows, :, q]
+            hqq = hq[rows, q]
+            bad |= ~(hqq > 0) | ~torch.isfinite(sq) | ~torch.isfinite(hqq)
+            cum = cum + sq / 2
+            order[:, t] = q
+            loss[:, t] = cum
+            wq = w[rows, q]
+            w = w - hq * (wq / hqq).unsqueeze(-1)
+            elim[rows, q] = True
+            w.masked_fill_(elim, 0)
+            hmat.baddbmm_(hq.unsqueeze(-1), (hq / hqq.unsqueeze(-1)).unsqueeze(-2), alpha=-1.0)
+    return order, loss, bad
+
+
+def prune_counts(
+    losses: list[torch.Tensor], sparsity: float, exclude: list[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Global selection: the K smallest cumulative losses over all layers; counts per block.
+
+    ``exclude[l]`` (nb_l,) counts leading entries of each block's order that are pruned anyway
+    (padding) and stand outside N_total and K. Ties are broken by (loss, layer, block, step).
+    """
+    device = losses[0].device
+    keys, owners, sizes = [], [], []
+    offset = 0
+    for i, loss in enumerate(losses):
+        nb, steps = loss.shape
+        mono = loss.to(torch.float64).cummax(dim=1).values
+        owner = (offset + torch.arange(nb, device=device, dtype=torch.int64)).unsqueeze(1).expand(nb, steps)
+        if exclude is not None:
+            valid = torch.arange(steps, device=device).unsqueeze(0) >= exclude[i].unsqueeze(1)
+            mono, owner = mono[valid], owner[valid]
+        keys.append(mono.reshape(-1))
+        owners.append(owner.reshape(-1))
+        sizes.append(nb)
+        offset += nb
+    key = torch.cat(keys)
+    owner = torch.cat(owners)
+    k = math.floor(sparsity * key.numel() + 0.5)
+    counts = torch.zeros(offset, dtype=torch.int64, device=device)
+    if k > 0:
+        chosen = torch.sort(key, stable=True).indices[:k]
+        counts += torch.bincount(owner[chosen], minlength=offset)
+    out = list(torch.split(counts, sizes))
+    if exclude is not None:
+        out = [c + e.to(torch.int64) for c, e in zip(out, exclude)]
+    return out
+
+
+def obs_reconstruct(
+    w: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replay the first ``counts[b]`` eliminations of each block.
+
+    Returns ``(w_new, keep, bad)``: (nb, B) in w's dtype, (nb, B) bool (True = kept), and a
+    (nb,) bool flagging blocks that met a pivot H_qq <= 0.
+    """
+    nb, b = w.shape
+    dt = finv.dtype
+    hmat = finv.clone()
+    wd = w.to(dt).clone()
+    rows = torch.arange(nb, device=w.device)
+    pruned = torch.zeros(nb, b, dtype=torch.bool, device=w.device)
+    bad = torch.zeros(nb, dtype=torch.bool, device=w.device)
+    kmax = int(counts.max()) if nb else 0
+    with no_tf32():
+        for t in range(kmax):
+            active = counts > t
+            q = order[:, t].to(torch.int64)
+            hq = hmat[rows, :, q]
+            hqq = hq[rows, q]
+            bad |= active & (~(hqq > 0) | ~torch.isfinite(hqq))
+            safe = torch.where(active, hqq, torch.ones_like(hqq))
+            coef = torch.where(active, 1.0 / safe, torch.zeros_like(safe))
+            wd = wd - hq * (wd[rows, q] * coef).unsqueeze(-1)
+            pruned[rows, q] |= active
+            wd.masked_fill_(pruned, 0)
+            hmat.baddbmm_(hq.unsqueeze(-1), (hq * coef.unsqueeze(-1)).unsqueeze(-2), alpha=-1.0)
+    return wd.to(w.dtype), ~pruned, bad
+
+
+OPS = {
+    "woodbury_update_": woodbury_update_,
+    "gram_update_": gram_update_,
+    "gram_inverse": gram_inverse,
+    "obs_scores": obs_scores,
+    "obs_update_independent": obs_update_independent,
+    "obs_prune_order": obs_prune_order,
+    "prune_counts": prune_counts,
+    "obs_reconstruct": obs_reconstruct,
+}

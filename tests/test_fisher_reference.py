@@ -1,0 +1,132 @@
+"""The reference Fisher inverse against inv(λI + GᵀG/m) computed directly in float64."""
+
+import pytest
+import torch
+from conftest import random_fisher_inverse
+
+import ovit_kernels as ok
+
+
+def exact(g: torch.Tensor, b: int, damp: float, relative: bool = False) -> torch.Tensor:
+    m, n = g.shape
+    gb = g.double().view(m, n // b, b)
+    f = torch.einsum("kni,knj->nij", gb, gb) / m
+    lam = damp * f.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] if relative else damp
+    return torch.linalg.inv(f + lam * torch.eye(b, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["woodbury", "gram"])
+@pytest.mark.parametrize("b,nb,m", [(8, 3, 5), (12, 1, 40), (7, 4, 20), (16, 2, 9)])
+def test_fisher_inverse_matches_direct_inverse(method, b, nb, m, gen):
+    g = torch.randn(m, nb * b, generator=gen, dtype=torch.float64)
+    h = ok.fisher_inverse(g, b, 1e-2, method=method)
+    assert h.shape == (nb, b, b) and h.dtype == torch.float64
+    torch.testing.assert_close(h, exact(g, b, 1e-2), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["woodbury", "gram", "auto"])
+def test_chunked_equals_whole(method, gen):
+    g = torch.randn(23, 60, generator=gen, dtype=torch.float64)
+    whole = ok.fisher_inverse(g, 12, 1e-3, method=method)
+    chunked = ok.fisher_inverse(iter(g.split(5)), 12, 1e-3, num_grads=23, method=method)
+    torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(whole, exact(g, 12, 1e-3), rtol=1e-8, atol=1e-8)
+
+
+def test_streaming_accumulator_one_row_at_a_time(gen):
+    g = torch.randn(10, 32, generator=gen, dtype=torch.float64)
+    acc = ok.FisherInverse(32, 8, 0.1, 10, method="woodbury", dtype=torch.float64)
+    for row in g:
+        acc.update(row)
+    torch.testing.assert_close(acc.compute(), exact(g, 8, 0.1), rtol=1e-10, atol=1e-10)
+
+
+def test_relative_damping_gram(gen):
+    g = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    h = ok.fisher_inverse(g, 10, 1e-3, damp_mode="relative", method="gram")
+    torch.testing.assert_close(h, exact(g, 10, 1e-3, relative=True), rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="relative"):
+        ok.fisher_inverse(g, 10, 1e-3, damp_mode="relative", method="woodbury")
+
+
+def test_float32_gram_uses_float64_accumulation(gen):
+    # λ/λ_max ≈ 1e-7: an fp32 Gram + Cholesky would lose percent-level accuracy here.
+    g = torch.randn(64, 32, generator=gen, dtype=torch.float64) * 10
+    ref = exact(g, 32, 1e-5)
+    h = ok.fisher_inverse(g.float(), 32, 1e-5, method="gram")
+    assert h.dtype == torch.float32
+    rel = (h.double().diagonal(dim1=1, dim2=2) / ref.diagonal(dim1=1, dim2=2) - 1).abs().max()
+    assert rel < 1e-5
+
+
+def test_woodbury_update_in_place_row_order(gen):
+    g, _ = random_fisher_inverse(2, 6, 4, 0.5, gen)
+    h = torch.eye(6, dtype=torch.float64).repeat(2, 1, 1) / 0.5
+    out = ok.woodbury_update_(h, g[:2], 4)
+    assert out is h
+    ok.woodbury_update_(h, g[2:], 4)
+    torch.testing.assert_close(h, exact(g, 6, 0.5), rtol=1e-10, atol=1e-10)
+
+
+def test_fisher_errors(gen):
+    g = torch.randn(4, 30, generator=gen)
+    with pytest.raises(ValueError, match="does not divide"):
+        ok.fisher_inverse(g, 7)
+    with pytest.raises(TypeError, match="floating"):
+        ok.fisher_inverse(g.to(torch.int32), 6)
+    bad = g.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ok.fisher_inverse(bad, 6)
+    bad[1, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        ok.fisher_inverse(bad, 6, method="woodbury")
+    with pytest.raises(ValueError, match="damp"):
+        ok.fisher_inverse(g, 6, 0.0)
+    with pytest.raises(ValueError, match="num_grads"):
+        ok.fisher_inverse(iter([g]), 6, method="woodbury")
+    acc = ok.FisherInverse(30, 6, 1.0, num_grads=5)
+    acc.update(g)
+    with pytest.raises(ValueError, match="expected num_grads=5"):
+        acc.compute()
+    with pytest.raises(ValueError, match="shape"):
+        acc.update(torch.randn(2, 31))
+    with pytest.raises(ValueError, match="no gradients"):
+        ok.FisherInverse(30, 6, 1.0).compute()
+
+
+def test_not_positive_definite_is_reported():
+    # A Woodbury state that is not positive definite (as after an fp32 breakdown) is caught.
+    acc = ok.FisherInverse(8, 4, 1e-8, 1, method="woodbury", dtype=torch.float64, name="blocks.0.mlp.fc1")
+    g = torch.zeros(1, 8, dtype=torch.float64)
+    acc.update(g)
+    acc._state[1, 2, 2] = -1.0
+    with pytest.raises(ok.NotPositiveDefiniteError, match=r"blocks.0.mlp.fc1.*\[1\]"):
+        acc.compute()
+    # A Gram block whose damped Fisher is indefinite fails its Cholesky and is named.
+    acc = ok.FisherInverse(8, 4, 1e-3, method="gram", dtype=torch.float64)
+    acc.update(torch.ones(1, 8, dtype=torch.float64))
+    acc._state[0] = -torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ok.NotPositiveDefiniteError, match=r"\[0\]"):
+        acc.compute()
+
+
+def test_damping_sweep_never_returns_nan_silently(gen):
+    """λ/λ_max from 1e-2 to 1e-8: float64 Gram holds 1e-8 relative on diag(F⁻¹) everywhere;
+    float32 Woodbury either holds 1e-3 or raises, it never returns NaN."""
+    m, b = 48, 16
+    g = torch.randn(m, 2 * b, generator=gen, dtype=torch.float64)
+    gb = g.view(m, 2, b)
+    lam_max = torch.linalg.eigvalsh(torch.einsum("kni,knj->nij", gb, gb) / m).max().item()
+    for ratio in (1e-2, 1e-4, 1e-6, 1e-8):
+        damp = ratio * lam_max
+        ref = exact(g, b, damp).diagonal(dim1=1, dim2=2)
+        h = ok.fisher_inverse(g.float(), b, damp, method="gram")
+        assert ((h.double().diagonal(dim1=1, dim2=2) / ref - 1).abs().max() < 1e-5)
+        try:
+            h32 = ok.fisher_inverse(g.float(), b, damp, method="woodbury")
+        except ok.NotPositiveDefiniteError:
+            continue
+        assert torch.isfinite(h32).all()
+        if ratio >= 1e-4:
+            assert ((h32.double().diagonal(dim1=1, dim2=2) / ref - 1).abs().max() < 1e-3)

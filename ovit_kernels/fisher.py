@@ -119,7 +119,9 @@ class FisherInverse:
         if chunk.dim() == 1:
             chunk = chunk.unsqueeze(0)
         if chunk.dim() != 2 or chunk.shape[1] != self.num_params:
-            raise ValueError(f"chunk must have shape (k, {self.num_params}) or ({self.num_params},), got {tuple(chunk.shape)}")
+            raise ValueError(
+                f"chunk must have shape (k, {self.num_params}) or ({self.num_params},), got {tuple(chunk.shape)}"
+            )
         if chunk.shape[0] == 0:
             return
         if self.num_grads is not None and self.seen + chunk.shape[0] > self.num_grads:
@@ -153,7 +155,8 @@ class FisherInverse:
         if self.seen == 0:
             raise ValueError(f"no gradients were given to {self.name or 'this Fisher'}")
         if self.num_grads is not None and self.seen != self.num_grads:
-            raise ValueError(f"{self.name or 'this Fisher'} expected num_grads={self.num_grads} gradients, got {self.seen}")
+            who = self.name or "this Fisher"
+            raise ValueError(f"{who} expected num_grads={self.num_grads} gradients, got {self.seen}")
         assert self._state is not None
         m = float(self.num_grads or self.seen)
         if self.method == "woodbury":
@@ -167,7 +170,8 @@ class FisherInverse:
             hint = "the damped Fisher failed its float64 Cholesky factorisation; use a larger damp"
         bad = (~ok).nonzero().flatten().tolist()
         if bad:
-            raise NotPositiveDefiniteError("Fisher inverse is not positive definite or not finite", bad, self.name, hint)
+            what = "Fisher inverse is not positive definite or not finite"
+            raise NotPositiveDefiniteError(what, bad, self.name, hint)
         self._state = None
         self._result = finv
         return finv

@@ -200,11 +200,13 @@ def obs_reconstruct(
     _checks.tensor("order", order)
     _checks.tensor("counts", counts)
     if order.dtype.is_floating_point or order.dtype == torch.bool or order.dim() != 2 or order.shape[0] != nb:
-        raise ValueError(f"order must be an integer tensor of shape ({nb}, steps), got {order.dtype} {tuple(order.shape)}")
+        got = f"{order.dtype} {tuple(order.shape)}"
+        raise ValueError(f"order must be an integer tensor of shape ({nb}, steps), got {got}")
     if order.shape[1] > b:
         raise ValueError(f"order has {order.shape[1]} steps, more than the block size {b}")
     if counts.dtype.is_floating_point or counts.dtype == torch.bool or tuple(counts.shape) != (nb,):
-        raise ValueError(f"counts must be an integer tensor of shape ({nb},), got {counts.dtype} {tuple(counts.shape)}")
+        got = f"{counts.dtype} {tuple(counts.shape)}"
+        raise ValueError(f"counts must be an integer tensor of shape ({nb},), got {got}")
     _checks.same_device(w_blocks=w_blocks, finv=finv, order=order, counts=counts)
     if bool(((order < 0) | (order >= b)).any()):
         raise ValueError(f"order holds positions outside [0, {b})")

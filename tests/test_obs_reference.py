@@ -150,7 +150,7 @@ def test_prune_counts_ties_and_exclude():
     # excluded (padding) entries are pruned anyway and do not count in N_total
     x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 5.0, 6.0]])
     c = ok.prune_counts(x, 0.5, exclude=torch.tensor([1, 2]))
-    assert c.tolist() == [3, 2]  # N_total = 3 + 2 = 5, K = 3 -> losses 1, 2, 3 after padding
+    assert c.tolist() == [4, 2]  # N_total = 3 + 2 = 5, K = 3: losses 1, 2, 3, plus the padding
 
 
 def test_obs_errors(gen):

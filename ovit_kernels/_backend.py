@@ -76,8 +76,8 @@ def _requested(backend: str | None) -> str:
     return req
 
 
-def _usable(name: str, op: str, device: torch.device) -> str | None:
-    """None if backend ``name`` can run ``op`` on ``device``, else the reason it cannot."""
+def _usable(name: str, op: str, device: torch.device, block: int | None) -> str | None:
+    """None if backend ``name`` can run ``op`` on ``device`` (blocks of size ``block``), else why not."""
     st = _status(name)
     if not st.available:
         return st.reason
@@ -91,27 +91,31 @@ def _usable(name: str, op: str, device: torch.device) -> str | None:
         return f"the cuda backend needs CUDA tensors, got tensors on {device}"
     if name == "triton" and device.type != "cuda" and not triton_interpret():
         return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}"
+    if hasattr(mod, "supports"):
+        return mod.supports(op, block)
     return None
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Pick the backend name that runs ``op`` on ``device``."""
+def resolve(op: str, device: torch.device, backend: str | None = None, block: int | None = None) -> str:
+    """Pick the backend name that runs ``op`` on ``device`` for blocks of size ``block``."""
     req = _requested(backend)
     if req != "auto":
-        why = _usable(req, op, device)
+        why = _usable(req, op, device, block)
         if why is not None:
             raise BackendUnavailableError(f"backend {req!r} cannot run {op}: {why}")
         return req
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("reference",)
     for name in order:
-        if _usable(name, op, device) is None:
+        if _usable(name, op, device, block) is None:
             return name
     return "reference"
 
 
-def implementation(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
+def implementation(
+    op: str, device: torch.device, backend: str | None = None, block: int | None = None
+) -> tuple[str, Callable]:
     """Return ``(backend_name, function)`` implementing ``op`` for tensors on ``device``."""
-    name = resolve(op, device, backend)
+    name = resolve(op, device, backend, block)
     mod = _load(name)
     assert not isinstance(mod, str)
     return name, mod.OPS[op]

@@ -136,10 +136,10 @@ class FisherInverse:
             raise ValueError(f"chunk is on {chunk.device} but the accumulator lives on {self.device}")
         chunk = chunk.contiguous()
         if self.method == "woodbury":
-            _, fn = _backend.implementation("woodbury_update_", self.device, self.backend)
+            _, fn = _backend.implementation("woodbury_update_", self.device, self.backend, self.block_size)
             fn(self._state, chunk, float(self.num_grads))
         else:
-            _, fn = _backend.implementation("gram_update_", self.device, self.backend)
+            _, fn = _backend.implementation("gram_update_", self.device, self.backend, self.block_size)
             fn(self._state, chunk)
         self.seen += chunk.shape[0]
 
@@ -165,7 +165,7 @@ class FisherInverse:
             ok = torch.isfinite(finv).all(dim=(1, 2)) & (diag > 0).all(dim=1)
             hint = "try method='gram', dtype=torch.float64 or a larger damp"
         else:
-            _, fn = _backend.implementation("gram_inverse", self.device, self.backend)
+            _, fn = _backend.implementation("gram_inverse", self.device, self.backend, self.block_size)
             finv, ok = fn(self._state, m, self.damp, self.damp_mode, self.dtype)
             hint = "the damped Fisher failed its float64 Cholesky factorisation; use a larger damp"
         bad = (~ok).nonzero().flatten().tolist()
@@ -227,8 +227,15 @@ def fisher_inverse(
     if dtype is None:
         dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     acc = FisherInverse(
-        n, block_size, damp, num_grads, damp_mode=damp_mode, method=method,
-        dtype=dtype, device=first.device, backend=backend,
+        n,
+        block_size,
+        damp,
+        num_grads,
+        damp_mode=damp_mode,
+        method=method,
+        dtype=dtype,
+        device=first.device,
+        backend=backend,
     )
     for chunk in chunks:
         acc.update(chunk)
@@ -265,6 +272,6 @@ def woodbury_update_(
         raise ValueError(f"num_grads must be positive, got {num_grads!r}")
     dev = _checks.same_device(finv=finv, grads=grads)
     _checks.finite("grads", grads)
-    _, fn = _backend.implementation("woodbury_update_", dev, backend)
+    _, fn = _backend.implementation("woodbury_update_", dev, backend, b)
     fn(finv, grads.contiguous(), float(num_grads))
     return finv

@@ -37,9 +37,9 @@ def obs_scores(w_blocks: torch.Tensor, finv: torch.Tensor, *, backend: str | Non
     Returns:
         (nb, B) tensor of ``finv.dtype``.
     """
-    _checks.blocks_and_finv(w_blocks, finv)
+    _, b = _checks.blocks_and_finv(w_blocks, finv)
     _positive_diag(finv)
-    _, fn = _backend.implementation("obs_scores", finv.device, backend)
+    _, fn = _backend.implementation("obs_scores", finv.device, backend, b)
     return fn(w_blocks, finv)
 
 
@@ -59,7 +59,7 @@ def obs_update_independent(
     nb, b = _checks.blocks_and_finv(w_blocks, finv)
     _checks.bool_mask("prune_mask", prune_mask, (nb, b), finv.device)
     _positive_diag(finv)
-    _, fn = _backend.implementation("obs_update_independent", finv.device, backend)
+    _, fn = _backend.implementation("obs_update_independent", finv.device, backend, b)
     return fn(w_blocks, finv, prune_mask)
 
 
@@ -111,7 +111,7 @@ def obs_prune_order(
             raise ValueError(f"mask already prunes more than {m - n} of {m} entries in some N:M group")
     _checks.finite("w_blocks", w_blocks)
     _positive_diag(finv)
-    _, fn = _backend.implementation("obs_prune_order", finv.device, backend)
+    _, fn = _backend.implementation("obs_prune_order", finv.device, backend, b)
     order, loss, bad = fn(w_blocks, finv, mask, nm)
 
     def run64(idx: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ def obs_reconstruct(
         raise ValueError(f"counts must lie in [0, {order.shape[1]}]")
     _checks.finite("w_blocks", w_blocks)
     _positive_diag(finv)
-    _, fn = _backend.implementation("obs_reconstruct", finv.device, backend)
+    _, fn = _backend.implementation("obs_reconstruct", finv.device, backend, b)
     w_new, keep, bad = fn(w_blocks, finv, order, counts)
 
     def run64(idx: torch.Tensor) -> torch.Tensor:

@@ -156,9 +156,7 @@ def obs_prune_order(
     return order, loss, bad
 
 
-def prune_counts(
-    losses: list[torch.Tensor], sparsity: float, exclude: list[torch.Tensor] | None
-) -> list[torch.Tensor]:
+def prune_counts(losses: list[torch.Tensor], sparsity: float, exclude: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """Global selection: the K smallest cumulative losses over all layers; counts per block.
 
     ``exclude[l]`` (nb_l,) counts leading entries of each block's order that are pruned anyway

@@ -4,6 +4,7 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OVIT_POISON", "1")
 os.environ.pop("OVIT_BACKEND", None)
 
 import pytest  # noqa: E402

@@ -122,11 +122,11 @@ def test_damping_sweep_never_returns_nan_silently(gen):
         damp = ratio * lam_max
         ref = exact(g, b, damp).diagonal(dim1=1, dim2=2)
         h = ok.fisher_inverse(g.float(), b, damp, method="gram")
-        assert ((h.double().diagonal(dim1=1, dim2=2) / ref - 1).abs().max() < 1e-5)
+        assert (h.double().diagonal(dim1=1, dim2=2) / ref - 1).abs().max() < 1e-5
         try:
             h32 = ok.fisher_inverse(g.float(), b, damp, method="woodbury")
         except ok.NotPositiveDefiniteError:
             continue
         assert torch.isfinite(h32).all()
         if ratio >= 1e-4:
-            assert ((h32.double().diagonal(dim1=1, dim2=2) / ref - 1).abs().max() < 1e-3)
+            assert (h32.double().diagonal(dim1=1, dim2=2) / ref - 1).abs().max() < 1e-3

@@ -127,6 +127,7 @@ def test_selection_rules(monkeypatch):
     from ovit_kernels import _backend
 
     cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _backend.resolve("obs_scores", cpu) == "reference"
     assert _backend.resolve("obs_scores", cpu, "triton") == "triton"  # interpreter on
     with pytest.raises(ok.BackendUnavailableError, match="cuda"):

@@ -1,0 +1,39 @@
+// Launchers of the ovit-kernels CUDA kernels. Torch-free: raw device pointers, sizes and a
+// stream, so nvcc alone compiles every .cu in seconds. The one binding file that includes
+// torch (bindings.cpp) validates tensors and calls these.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace ovit {
+
+// Largest block size each kernel family holds on chip (register tile, 4 lanes per row).
+int max_block_size(bool fp64);
+
+// finv (nb, B, B) in place; grads (k, N) row-major with N = nb * B; num_grads = m.
+template <typename T, typename G>
+cudaError_t launch_woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N,
+                                   double num_grads, cudaStream_t stream);
+
+// Greedy OBS elimination. w (nb, B) weights in T; finv (nb, B, B); mask (nb, B) uint8 or null;
+// nm_n/nm_m = 0 for unstructured. Writes order (nb, steps) int64, loss (nb, steps), bad (nb) int32.
+template <typename T>
+cudaError_t launch_obs_prune_order(const T* w, const T* finv, const uint8_t* mask, int64_t nb, int B,
+                                   int steps, int nm_n, int nm_m, int64_t* order, T* loss, int32_t* bad,
+                                   cudaStream_t stream);
+
+// Replay of the first counts[b] entries of order (nb, steps). Writes w_out (nb, B), pruned (nb, B)
+// uint8 and bad (nb) int32.
+template <typename T>
+cudaError_t launch_obs_reconstruct(const T* w, const T* finv, const int64_t* order, const int64_t* counts,
+                                   int64_t nb, int B, int steps, T* w_out, uint8_t* pruned, int32_t* bad,
+                                   cudaStream_t stream);
+
+// out = (λ'I + G/m)^-1 per block by a Gauss–Jordan sweep in float64; gram (nb, B, B) float64;
+// relative != 0 uses λ' = λ·mean(diag(G/m)) (λ where that mean is 0). ok (nb) int32.
+template <typename T>
+cudaError_t launch_damped_inverse(const double* gram, int64_t nb, int B, double inv_m, double damp, int relative,
+                                  T* out, int32_t* ok, cudaStream_t stream);
+
+}  // namespace ovit

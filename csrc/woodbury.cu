@@ -1,0 +1,102 @@
+// Fused streaming Woodbury (Sherman–Morrison) updates of the blockwise inverse Fisher.
+// One thread block per Fisher block: the block stays in registers while a chunk of k gradients
+// is applied in order, u = H g, H -= u uᵀ / (m + gᵀ u); it is written back once per call.
+// Per gradient and block: 4·B² flops and one __syncthreads; gradients are staged through
+// shared memory KC rows at a time.
+
+#include "ovit_kernels.h"
+#include "tile.cuh"
+
+namespace ovit {
+
+namespace {
+
+constexpr int kChunk = 16;  // gradients staged in shared memory at once
+
+template <typename T, typename G, int C>
+__global__ void __launch_bounds__(16 * C) woodbury_kernel(T* __restrict__ finv, const G* __restrict__ grads,
+                                                          int B, int64_t k, int64_t N, T m) {
+  constexpr int W = kLanesPerRow * C;
+  __shared__ T gs[kChunk][W];
+  __shared__ T us[2][W];
+  __shared__ T part[2][kMaxWarps];
+
+  const int tid = threadIdx.x;
+  const int r = tid / kLanesPerRow;
+  const int p = tid % kLanesPerRow;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int nwarps = blockDim.x / 32;
+  const int64_t blk = blockIdx.x;
+  T* hb = finv + blk * B * (int64_t)B;
+
+  T h[C];
+  load_tile<T, C>(h, hb, B, r, p);
+  for (int i = tid; i < 2 * W; i += blockDim.x) us[i / W][i % W] = T(0);
+
+  int parity = 0;
+  for (int64_t i0 = 0; i0 < k; i0 += kChunk) {
+    const int kc = (int)((k - i0) < kChunk ? (k - i0) : kChunk);
+    __syncthreads();  // previous chunk fully consumed
+    for (int idx = tid; idx < kChunk * W; idx += blockDim.x) {
+      int j = idx / W, col = idx % W;
+      gs[j][col] = (j < kc && col < B) ? T(grads[(i0 + j) * N + blk * B + col]) : T(0);
+    }
+    __syncthreads();
+    for (int j = 0; j < kc; ++j) {
+      const T* g = gs[j];
+      T acc = T(0);
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc += h[c] * g[p + kLanesPerRow * c];
+      const T u = quad_sum(acc);  // u[r] in all four lanes of the row
+      T gu = (p == 0 && r < B) ? g[r] * u : T(0);
+      gu = warp_sum(gu);
+      if (p == 0 && r < W) us[parity][r] = (r < B) ? u : T(0);
+      if (lane == 0) part[parity][warp] = gu;
+      __syncthreads();
+      T denom = m;
+      for (int w = 0; w < nwarps; ++w) denom += part[parity][w];
+      const T scale = u / denom;
+      rank_one_sub<T, C>(h, scale, us[parity], p);
+      parity ^= 1;
+    }
+  }
+  store_tile<T, C>(h, hb, B, r, p);
+}
+
+template <typename T, typename G, int C>
+cudaError_t launch_c(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N, double m, cudaStream_t s) {
+  woodbury_kernel<T, G, C><<<(unsigned)nb, threads_for(B), 0, s>>>(finv, grads, B, k, N, T(m));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int max_block_size(bool fp64) { return fp64 ? 128 : 192; }
+
+template <typename T, typename G>
+cudaError_t launch_woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N,
+                                   double num_grads, cudaStream_t stream) {
+  if (nb == 0 || k == 0) return cudaSuccess;
+  if (B < 1 || B > max_block_size(sizeof(T) == 8)) return cudaErrorInvalidValue;
+  switch (cols_per_lane(B)) {
+    case 4: return launch_c<T, G, 4>(finv, grads, nb, B, k, N, num_grads, stream);
+    case 8: return launch_c<T, G, 8>(finv, grads, nb, B, k, N, num_grads, stream);
+    case 16: return launch_c<T, G, 16>(finv, grads, nb, B, k, N, num_grads, stream);
+    case 24: return launch_c<T, G, 24>(finv, grads, nb, B, k, N, num_grads, stream);
+    case 32: return launch_c<T, G, 32>(finv, grads, nb, B, k, N, num_grads, stream);
+    case 48:
+      if constexpr (sizeof(T) == 4) return launch_c<T, G, 48>(finv, grads, nb, B, k, N, num_grads, stream);
+      return cudaErrorInvalidValue;
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template cudaError_t launch_woodbury_update<float, float>(float*, const float*, int64_t, int, int64_t, int64_t,
+                                                          double, cudaStream_t);
+template cudaError_t launch_woodbury_update<double, double>(double*, const double*, int64_t, int, int64_t,
+                                                            int64_t, double, cudaStream_t);
+template cudaError_t launch_woodbury_update<double, float>(double*, const float*, int64_t, int, int64_t, int64_t,
+                                                           double, cudaStream_t);
+
+}  // namespace ovit

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -84,7 +85,6 @@ def machine_rates() -> dict:
     t32 = timed(lambda: a @ a, reps=3)
     a64 = a.double()[:4096, :4096].contiguous()
     t64 = timed(lambda: a64 @ a64, reps=3)
-    del x, y, a, a64
     return {"copy_GBps": bw / 1e9, "fp32_TFLOPs": 2 * 8192**3 / t32 / 1e12, "fp64_TFLOPs": 2 * 4096**3 / t64 / 1e12}
 
 
@@ -152,7 +152,6 @@ def big_block_checks(n_blocks: int) -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:200]
             rows.append(row)
-        del g, ref
     return rows
 
 
@@ -171,7 +170,8 @@ def fisher_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
         lam = 1e-4
         # baseline: k gradients, scaled to m and to N
         kb = 8 if quick else 16
-        t_base = timed(lambda: fisher_rank_one(gs[:kb], b, lam, m), reps=2) * (m / kb) * scale_n
+        base_fn = partial(fisher_rank_one, gs[:kb], b, lam, m)
+        t_base = timed(base_fn, reps=2) * (m / kb) * scale_n
         row = {"B": b, "m": m, "baseline_s": t_base}
         flops_w = 4.0 * n * b * m * scale_n
         flops_g = 2.0 * n * b * m * scale_n + (n / b) * b**3 * scale_n
@@ -183,7 +183,7 @@ def fisher_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
             for method in ("woodbury", "gram"):
                 key = f"{backend}_{method}_s"
 
-                def run():
+                def run(n=n, b=b, reps_m=reps_m, method=method, backend=backend, gs=gs, lam=lam, chunk=chunk):
                     acc = ok.FisherInverse(n, b, lam, reps_m * chunk, method=method, backend=backend)
                     for _ in range(reps_m):
                         acc.update(gs)
@@ -195,7 +195,7 @@ def fisher_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
                     row[key] = f"{type(e).__name__}: {str(e)[:120]}"
         rows.append(row)
         log(f"fisher B={b}: {row}")
-        del gs
+        gs = None
         torch.cuda.empty_cache()
     return rows
 
@@ -214,12 +214,12 @@ def obs_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
         x = torch.randn(nb, b, 2 * b, device="cuda")
         h = torch.linalg.inv(x @ x.transpose(1, 2) / (2 * b) + 0.1 * torch.eye(b, device="cuda"))
         w = torch.randn(nb, b, device="cuda")
-        del x
+        x = None
         row = {"B": b}
         nbb = max(1, nb // (16 if quick else 8))
-        t_b = timed(lambda: greedy_with_traces(w[:nbb], h[:nbb]), reps=1, warmup=0)
+        t_b = timed(lambda w=w, h=h, nbb=nbb: greedy_with_traces(w[:nbb], h[:nbb]), reps=1, warmup=0)
         losses, _, trace = greedy_with_traces(w[:nbb], h[:nbb])
-        t_sel = timed(lambda: select_and_rebuild_loop(losses, trace, 0.5), reps=1, warmup=0)
+        t_sel = timed(lambda losses=losses, trace=trace: select_and_rebuild_loop(losses, trace, 0.5), reps=1, warmup=0)
         row["baseline_elim_s"] = t_b * nb / nbb * scale_n
         row["baseline_select_rebuild_s"] = t_sel * nb / nbb * scale_n
         row["floor_s"] = max(
@@ -227,11 +227,13 @@ def obs_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
         )
         for backend in ("cuda", "triton"):
             try:
-                t_e = timed(lambda: ok.obs_prune_order(w, h, backend=backend), reps=2)
+                t_e = timed(lambda w=w, h=h, be=backend: ok.obs_prune_order(w, h, backend=be), reps=2)
                 order, loss = ok.obs_prune_order(w, h, backend=backend)
-                t_c = timed(lambda: ok.prune_counts(loss, 0.5, backend=backend), reps=2)
+                t_c = timed(lambda loss=loss, be=backend: ok.prune_counts(loss, 0.5, backend=be), reps=2)
                 counts = ok.prune_counts(loss, 0.5, backend=backend)
-                t_r = timed(lambda: ok.obs_reconstruct(w, h, order, counts, backend=backend), reps=2)
+                t_r = timed(
+                    lambda w=w, h=h, o=order, c=counts, be=backend: ok.obs_reconstruct(w, h, o, c, backend=be), reps=2
+                )
                 row[f"{backend}_elim_s"] = t_e * scale_n
                 row[f"{backend}_select_s"] = t_c * scale_n
                 row[f"{backend}_reconstruct_s"] = t_r * scale_n
@@ -240,7 +242,7 @@ def obs_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
                 row[f"{backend}_error"] = f"{type(e).__name__}: {str(e)[:160]}"
         rows.append(row)
         log(f"obs B={b}: {row}")
-        del h, w
+        h = w = None
         torch.cuda.empty_cache()
     return rows
 

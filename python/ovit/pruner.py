@@ -1,0 +1,388 @@
+"""One-shot pruning of a model with the public API of ``ovit_kernels`` (SPEC §3)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ovit_kernels as ok
+
+from .layers import PrunableLayer, block_layout, select_layers
+from .sampling import sample_gradients
+
+METHODS = ("ovit", "woodfisher", "magnitude", "global_magnitude")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    numel: int
+    block_size: int
+    num_blocks: int
+    pad: int
+    pruned: int
+    sparsity: float
+
+
+@dataclass
+class PruneReport:
+    """What :func:`one_shot_prune` did. ``est_loss_increase`` is the sum of the OBS losses of
+    what was pruned under the quadratic model (None when no Fisher was computed)."""
+
+    method: str
+    sparsity: float
+    pattern: str
+    total_params: int
+    total_pruned: int
+    est_loss_increase: float | None
+    num_grads: int
+    passes: int
+    layers: list[LayerReport] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return self.total_pruned / max(1, self.total_params)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["achieved_sparsity"] = self.achieved_sparsity
+        return json.dumps(d, indent=1)
+
+
+def _parse_pattern(pattern: str) -> tuple[int, int] | None:
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"pattern must be 'unstructured' or 'n:m' such as '2:4', got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"an n:m pattern needs 0 < n < m, got {pattern!r}")
+    return n, m
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory_budget(device: torch.device, budget: int | None) -> int:
+    if budget is not None:
+        return int(budget)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30
+
+
+def _fisher_bytes(ly: PrunableLayer, fisher_method: str, chunk: int) -> int:
+    lay = ly.layout
+    square = lay.num_blocks * lay.block_size**2
+    acc = 8 if fisher_method != "woodbury" else 4
+    return square * (acc + 4) + chunk * lay.num_blocks * lay.block_size * 4
+
+
+def _plan_groups(layers: list[PrunableLayer], budget: int, fisher_method: str, chunk: int) -> list[list[PrunableLayer]]:
+    groups: list[list[PrunableLayer]] = [[]]
+    used = 0
+    for ly in layers:
+        need = _fisher_bytes(ly, fisher_method, chunk)
+        if groups[-1] and used + need > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(ly)
+        used += need
+    return groups
+
+
+def _nm_select(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """(nb, B) scores → bool mask pruning the m − n smallest of every group of m (stable)."""
+    nb, b = scores.shape
+    g = scores.reshape(nb, b // m, m)
+    idx = torch.sort(g, dim=-1, stable=True).indices[..., : m - n]
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.view(nb, b)
+
+
+def _global_select(keys: list[torch.Tensor], real: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """The K = floor(s·N + 0.5) smallest keys over the real entries of every layer (stable:
+    ties by layer, then position). Returns bool masks (True = prune) shaped like ``keys``."""
+    flat = torch.cat([k[r] for k, r in zip(keys, real)])
+    total = flat.numel()
+    kk = math.floor(sparsity * total + 0.5)
+    chosen = torch.zeros(total, dtype=torch.bool, device=flat.device)
+    if kk:
+        chosen[torch.sort(flat, stable=True).indices[:kk]] = True
+    out, start = [], 0
+    for k, r in zip(keys, real):
+        mask = torch.zeros_like(k, dtype=torch.bool)
+        cnt = int(r.sum())
+        mask[r] = chosen[start : start + cnt]
+        start += cnt
+        out.append(mask)
+    return out
+
+
+def _quadratic_loss(delta: torch.Tensor, finv: torch.Tensor) -> float:
+    """½ δᵀ F δ summed over blocks, with F = H⁻¹ (solved by Cholesky of H, float64)."""
+    h = finv.double()
+    chol, info = torch.linalg.cholesky_ex(h)
+    d = delta.double().unsqueeze(-1)
+    x = torch.cholesky_solve(d, chol)
+    val = 0.5 * (d * x).sum(dim=(1, 2))
+    return float(val[info == 0].sum())
+
+
+def one_shot_prune(
+    model: nn.Module,
+    data: Iterable,
+    sparsity: float | None = None,
+    *,
+    method: str = "ovit",
+    block_size: int = 192,
+    num_grads: int = 4096,
+    damp: float = 1e-8,
+    damp_mode: str = "absolute",
+    grad_batch_size: int | None = None,
+    pattern: str = "unstructured",
+    layers: str | Iterable[nn.Module | str] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    fisher_method: str = "auto",
+    fisher_dtype: torch.dtype = torch.float32,
+    amp_dtype: torch.dtype | None = None,
+    memory_budget: int | None = None,
+    grad_chunk: int = 16,
+    backend: str | None = None,
+    progress: bool = True,
+    fisher_cache: dict[str, torch.Tensor] | None = None,
+) -> PruneReport:
+    """Prune ``model`` one-shot, in place, and return a :class:`PruneReport`.
+
+    Args:
+        model: any ``nn.Module``; its weights are changed only if the whole run succeeds.
+        data: iterable of ``(inputs, targets)`` batches (e.g. a DataLoader); each batch gives
+            one gradient (re-cut to ``grad_batch_size`` samples if that is given). Iterated
+            again as needed when it can be (DataLoader, list).
+        sparsity: fraction of the selected weights to prune, in [0, 1). With an n:m
+            ``pattern`` it is 1 − n/m and may be omitted.
+        method: ``"ovit"`` (correlation-aware greedy elimination + global selection +
+            reconstruction), ``"woodfisher"`` (global OBS saliency + independent update),
+            ``"magnitude"`` (uniform per layer) or ``"global_magnitude"``.
+        block_size: Fisher block size B (SPEC §1 decides the actual block per layer).
+        num_grads: m, the number of gradients of the empirical Fisher.
+        damp, damp_mode: dampening λ; ``"relative"`` scales it by the mean Fisher diagonal.
+        pattern: ``"unstructured"`` or ``"n:m"`` (e.g. ``"2:4"``).
+        layers: ``None`` (timm ViT/DeiT/Swin defaults), a regex on module names, or a list of
+            modules / names (Linear and Conv2d).
+        loss_fn: ``loss_fn(outputs, targets)``; default cross-entropy.
+        fisher_method, fisher_dtype: see :class:`ovit_kernels.FisherInverse`.
+        amp_dtype: autocast dtype for forward/backward (e.g. ``torch.bfloat16``); the Fisher
+            maths stays float32/float64.
+        memory_budget: bytes the Fisher inverses may use; beyond it, layers are processed in
+            groups, one pass over the data per group (default: 70% of free GPU memory, or half
+            of the host memory on CPU).
+        grad_chunk: gradients buffered per layer before each accumulator update.
+        backend: ovit_kernels backend for every op.
+        progress: show a progress bar while sampling.
+        fisher_cache: a dict to share Fisher inverses between calls on the same dense model
+            (e.g. several methods or sparsities): filled on the first call, reused after. It
+            is only valid while the weights and their zeros are unchanged.
+    """
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    nm = _parse_pattern(pattern)
+    if nm is not None:
+        fixed = 1 - nm[0] / nm[1]
+        if sparsity is not None and not math.isclose(float(sparsity), fixed, abs_tol=1e-9):
+            raise ValueError(f"pattern {pattern!r} fixes the sparsity at {fixed:g}; got sparsity={sparsity}")
+        sparsity = fixed
+    if sparsity is None:
+        raise ValueError("sparsity is required for unstructured pruning")
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
+    if int(num_grads) < 1:
+        raise ValueError(f"num_grads must be >= 1, got {num_grads!r}")
+    if int(block_size) < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    loss_fn = loss_fn or F.cross_entropy
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters")
+    device = params[0].device
+    group = nm[1] if nm else 1
+    chosen = select_layers(model, layers)
+    players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size, group)) for n, m in chosen]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: dict[str, float] = {}
+    notes: list[str] = []
+    needs_fisher = method in ("ovit", "woodfisher")
+
+    # --- Fisher inverses (and the greedy elimination, group by group) ---------------------
+    finvs: dict[str, torch.Tensor] = {}
+    orders: dict[str, torch.Tensor] = {}
+    losses: dict[str, torch.Tensor] = {}
+
+    def _eliminate(grp: list[PrunableLayer]) -> None:
+        if method != "ovit":
+            return
+        t0 = time.perf_counter()
+        for ly in grp:
+            wb = ly.blocks(ly.weight.detach().flatten().to(fisher_dtype))
+            pre = (wb == 0) | ly.pad_mask(device)
+            order, loss = ok.obs_prune_order(wb, finvs[ly.name].to(device), mask=pre, nm=nm, backend=backend)
+            orders[ly.name], losses[ly.name] = order, loss
+        _sync(device)
+        times["elimination"] = times.get("elimination", 0.0) + time.perf_counter() - t0
+
+    taken = 0
+    passes = 0
+    if needs_fisher:
+        budget = _memory_budget(device, memory_budget)
+        groups = _plan_groups(players, budget, fisher_method, grad_chunk)
+        passes = len(groups)
+        store = device if passes == 1 else torch.device("cpu")
+        if passes > 1:
+            need = sum(_fisher_bytes(ly, fisher_method, grad_chunk) for ly in players)
+            notes.append(
+                f"Fisher inverses need ~{need / 2**30:.1f} GiB, more than the budget of {budget / 2**30:.1f} GiB: "
+                f"{passes} passes over the data, one per layer group; inverses kept on the CPU in between"
+            )
+            if progress:
+                print(f"ovit: {notes[-1]}")
+        cached = fisher_cache is not None and all(ly.name in fisher_cache for ly in players)
+        if cached:
+            groups, passes = [players], 0
+            notes.append("Fisher inverses taken from fisher_cache")
+        for gi, grp in enumerate(groups):
+            if cached:
+                for ly in grp:
+                    finvs[ly.name] = fisher_cache[ly.name].to(device)
+                break
+            accs = {
+                ly.name: ok.FisherInverse(
+                    ly.layout.num_blocks * ly.layout.block_size, ly.layout.block_size, damp,
+                    num_grads if fisher_method == "woodbury" else None,
+                    damp_mode=damp_mode, method=fisher_method, dtype=fisher_dtype, device=device,
+                    backend=backend, name=ly.name,
+                )
+                for ly in grp
+            }
+            t0 = time.perf_counter()
+            taken = sample_gradients(
+                model, data, grp, accs, int(num_grads), loss_fn=loss_fn, device=device,
+                grad_batch_size=grad_batch_size, amp_dtype=amp_dtype, chunk=grad_chunk, progress=progress,
+                desc=f"gradients (pass {gi + 1}/{passes})" if passes > 1 else "gradients",
+            )
+            _sync(device)
+            times["sampling"] = times.get("sampling", 0.0) + time.perf_counter() - t0
+            if taken < num_grads:
+                notes.append(f"data ran out after {taken} of {num_grads} gradients")
+            t0 = time.perf_counter()
+            for ly in grp:
+                finvs[ly.name] = accs.pop(ly.name).compute()
+            _sync(device)
+            times["fisher_inverse"] = times.get("fisher_inverse", 0.0) + time.perf_counter() - t0
+            _eliminate(grp)
+            for ly in grp:
+                finvs[ly.name] = finvs[ly.name].to(store)
+                if fisher_cache is not None:
+                    fisher_cache[ly.name] = finvs[ly.name]
+        if cached:
+            _eliminate(players)
+
+    # --- selection and new weights ---------------------------------------------------------
+    t0 = time.perf_counter()
+    new_w: dict[str, torch.Tensor] = {}
+    keep: dict[str, torch.Tensor] = {}
+    est: float | None = None
+    if method == "ovit":
+        if nm is None:
+            excl = [torch.zeros(ly.layout.num_blocks, dtype=torch.int64, device=device) for ly in players]
+            for e, ly in zip(excl, players):
+                if ly.layout.pad:
+                    e[-1] = ly.layout.pad
+            counts = ok.prune_counts([losses[ly.name] for ly in players], sparsity, exclude=excl, backend=backend)
+        else:
+            counts = [torch.full((ly.layout.num_blocks,), losses[ly.name].shape[1], device=device) for ly in players]
+        times["selection"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        est = 0.0
+        for ly, cnt in zip(players, counts):
+            wb = ly.blocks(ly.weight.detach().flatten().to(fisher_dtype))
+            h = finvs.pop(ly.name).to(device)
+            w2, kp = ok.obs_reconstruct(wb, h, orders[ly.name], cnt, backend=backend)
+            loss = losses[ly.name]
+            idx = (cnt - 1).clamp_min(0).unsqueeze(1)
+            est += float(torch.where(cnt > 0, loss.gather(1, idx).squeeze(1), torch.zeros_like(loss[:, 0])).sum())
+            new_w[ly.name], keep[ly.name] = w2, kp
+        times["reconstruction"] = time.perf_counter() - t0
+    else:
+        wbs = {ly.name: ly.blocks(ly.weight.detach().flatten().float()) for ly in players}
+        pads = {ly.name: ly.pad_mask(device) for ly in players}
+        if method == "woodfisher":
+            keys = [ok.obs_scores(wbs[ly.name].to(fisher_dtype), finvs[ly.name].to(device), backend=backend).float()
+                    for ly in players]
+        else:
+            keys = [wbs[ly.name].abs() for ly in players]
+        # already-pruned real weights go first; padding stands outside the count
+        keys = [torch.where(wbs[ly.name] == 0, torch.full_like(k, -1.0), k) for ly, k in zip(players, keys)]
+        if nm is not None:
+            prune = [_nm_select(torch.where(pads[ly.name], torch.full_like(k, -2.0), k), *nm) | pads[ly.name]
+                     for ly, k in zip(players, keys)]
+        elif method == "magnitude":
+            prune = [_global_select([k], [~pads[ly.name]], sparsity)[0] | pads[ly.name] for ly, k in zip(players, keys)]
+        else:
+            sel = _global_select(keys, [~pads[ly.name] for ly in players], sparsity)
+            prune = [s | pads[ly.name] for ly, s in zip(players, sel)]
+        times["selection"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if method == "woodfisher":
+            est = 0.0
+        for ly, pm in zip(players, prune):
+            wb = wbs[ly.name]
+            if method == "woodfisher":
+                h = finvs.pop(ly.name).to(device)
+                w2 = ok.obs_update_independent(wb.to(fisher_dtype), h, pm, backend=backend).float()
+                est += _quadratic_loss(w2 - wb, h)
+            else:
+                w2 = wb.masked_fill(pm, 0.0)
+            new_w[ly.name], keep[ly.name] = w2, ~pm
+        times["reconstruction"] = time.perf_counter() - t0
+
+    # --- commit: only now is the model changed ----------------------------------------------
+    reports = []
+    for ly in players:
+        kp = keep[ly.name].reshape(-1)[: ly.layout.numel]
+        pruned = int((~kp).sum())
+        reports.append(LayerReport(ly.name, ly.layout.numel, ly.layout.block_size, ly.layout.num_blocks,
+                                   ly.layout.pad, pruned, pruned / ly.layout.numel))
+    with torch.no_grad():
+        for ly in players:
+            ly.weight.copy_(ly.unblock(new_w[ly.name]).to(ly.weight.dtype))
+            ly.weight.view(-1)[~keep[ly.name].reshape(-1)[: ly.layout.numel]] = 0
+    _sync(device)
+    times["total"] = time.perf_counter() - t_start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return PruneReport(
+        method=method, sparsity=sparsity, pattern=pattern,
+        total_params=sum(r.numel for r in reports), total_pruned=sum(r.pruned for r in reports),
+        est_loss_increase=est, num_grads=taken if needs_fisher else 0, passes=passes,
+        layers=reports, times=times, peak_memory_bytes=peak, notes=notes,
+    )

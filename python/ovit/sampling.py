@@ -1,0 +1,128 @@
+"""Gradient sampling (the paper's empirical Fisher): model in eval mode, one gradient per
+mini-batch, gradients of already-pruned weights masked, each gradient streamed into the
+layers' ``FisherInverse`` accumulators in chunks (never all m stored)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ovit_kernels import FisherInverse
+
+from .layers import PrunableLayer
+
+
+def batches(data: Iterable, grad_batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(inputs, targets)`` forever when ``data`` can be iterated again (a DataLoader,
+    a list), or until it ends (a one-shot iterator). With ``grad_batch_size``, samples are
+    re-cut into batches of that size."""
+    reiterable = iter(data) is not data
+    while True:
+        buf_x: list[torch.Tensor] = []
+        buf_y: list[torch.Tensor] = []
+        have = 0
+        got_any = False
+        for item in data:
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise TypeError("data must yield (inputs, targets) pairs")
+            x, y = item[0], item[1]
+            got_any = True
+            if grad_batch_size is None:
+                yield x, y
+                continue
+            buf_x.append(x)
+            buf_y.append(y)
+            have += x.shape[0]
+            while have >= grad_batch_size:
+                cx, cy = torch.cat(buf_x), torch.cat(buf_y)
+                yield cx[:grad_batch_size], cy[:grad_batch_size]
+                buf_x, buf_y = [cx[grad_batch_size:]], [cy[grad_batch_size:]]
+                have -= grad_batch_size
+        if not got_any:
+            raise ValueError("data yielded no batches")
+        if not reiterable:
+            return
+
+
+def sample_gradients(
+    model: nn.Module,
+    data: Iterable,
+    layers: list[PrunableLayer],
+    accumulators: dict[str, FisherInverse],
+    num_grads: int,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    grad_batch_size: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    chunk: int = 16,
+    progress: bool = True,
+    desc: str = "gradients",
+) -> int:
+    """Stream ``num_grads`` mini-batch gradients of the given layers into their accumulators.
+
+    Only the weights of ``layers`` require grad during sampling (the other weight-gradient
+    GEMMs are skipped); the model's modes, flags and ``.grad`` are restored afterwards.
+
+    Returns:
+        The number of gradients taken (fewer than ``num_grads`` only when a one-shot
+        iterator ran out).
+    """
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    was_training = model.training
+    masks = {ly.name: (ly.weight.detach() == 0).flatten() for ly in layers}
+    buffers = {
+        ly.name: torch.zeros(chunk, ly.layout.num_blocks * ly.layout.block_size, device=device) for ly in layers
+    }
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=num_grads, desc=desc, disable=not progress or tqdm is None, leave=False)
+    taken = 0
+    fill = 0
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        for ly in layers:
+            ly.weight.requires_grad_(True)
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        )
+        for x, y in batches(data, grad_batch_size):
+            if taken >= num_grads:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for ly in layers:
+                ly.weight.grad = None
+            with autocast:
+                out = model(x)
+            loss = loss_fn(out.float(), y)
+            loss.backward()
+            for ly in layers:
+                g = ly.weight.grad.detach().flatten().float()
+                row = buffers[ly.name][fill]
+                row[: ly.layout.numel] = g.masked_fill(masks[ly.name], 0.0)
+            fill += 1
+            taken += 1
+            bar.update(1)
+            if fill == chunk or taken == num_grads:
+                for ly in layers:
+                    accumulators[ly.name].update(buffers[ly.name][:fill])
+                fill = 0
+        if fill:
+            for ly in layers:
+                accumulators[ly.name].update(buffers[ly.name][:fill])
+    finally:
+        bar.close()
+        for p, f, g in zip(params, saved_flags, saved_grads):
+            p.requires_grad_(f)
+            p.grad = g
+        model.train(was_training)
+    return taken

@@ -111,20 +111,32 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         dense_acc.append(accuracy(dense, xte, yte))
         gen = torch.Generator().manual_seed(seed + 1000)
         perm = torch.randperm(len(ytr), generator=gen)
-        data = [(xtr[perm[i : i + cfg.grad_batch_size]], ytr[perm[i : i + cfg.grad_batch_size]])
-                for i in range(0, len(ytr) - cfg.grad_batch_size + 1, cfg.grad_batch_size)]
+        data = [
+            (xtr[perm[i : i + cfg.grad_batch_size]], ytr[perm[i : i + cfg.grad_batch_size]])
+            for i in range(0, len(ytr) - cfg.grad_batch_size + 1, cfg.grad_batch_size)
+        ]
         shared: dict[str, torch.Tensor] = {}  # oViT and WoodFisher share one Fisher per seed
         for method in cfg.methods:
             for s in cfg.sparsities:
                 model = TinyViT(**cfg.model)
                 model.load_state_dict(dense.state_dict())
                 one_shot_prune(
-                    model, data, s, method=method, block_size=cfg.block_size, num_grads=cfg.num_grads,
-                    damp=cfg.damp, damp_mode=cfg.damp_mode, progress=False, fisher_cache=shared,
+                    model,
+                    data,
+                    s,
+                    method=method,
+                    block_size=cfg.block_size,
+                    num_grads=cfg.num_grads,
+                    damp=cfg.damp,
+                    damp_mode=cfg.damp_mode,
+                    progress=False,
+                    fisher_cache=shared,
                 )
                 res[method][s].append(accuracy(model, xte, yte))
-        log(f"seed {seed}: dense {dense_acc[-1]:.4f}; " + ", ".join(
-            f"{m}@{s:.0%} {res[m][s][-1]:.3f}" for m in cfg.methods for s in cfg.sparsities))
+        log(
+            f"seed {seed}: dense {dense_acc[-1]:.4f}; "
+            + ", ".join(f"{m}@{s:.0%} {res[m][s][-1]:.3f}" for m in cfg.methods for s in cfg.sparsities)
+        )
 
     def mean(v: list[float]) -> float:
         return sum(v) / len(v)
@@ -138,9 +150,13 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     png = os.path.join(cfg.out, "digits_accuracy.png")
     _plot(png, cfg, dmean, {m: [mean(res[m][s]) for s in cfg.sparsities] for m in cfg.methods})
-    summary = {"config": asdict(cfg), "dense": dense_acc,
-               "results": {m: {str(s): v for s, v in d.items()} for m, d in res.items()},
-               "seconds": time.perf_counter() - t_all, "plot": png}
+    summary = {
+        "config": asdict(cfg),
+        "dense": dense_acc,
+        "results": {m: {str(s): v for s, v in d.items()} for m, d in res.items()},
+        "seconds": time.perf_counter() - t_all,
+        "plot": png,
+    }
     with open(os.path.join(cfg.out, "digits_results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log(f"plot: {png}; results: {os.path.join(cfg.out, 'digits_results.json')}")

@@ -48,8 +48,17 @@ class Block(nn.Module):
 class TinyViT(nn.Module):
     """ViT for small images: (batch, in_chans, img, img) → (batch, num_classes) logits."""
 
-    def __init__(self, img_size: int = 8, patch_size: int = 2, in_chans: int = 1, num_classes: int = 10,
-                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0) -> None:
+    def __init__(
+        self,
+        img_size: int = 8,
+        patch_size: int = 2,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+    ) -> None:
         super().__init__()
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)

@@ -277,17 +277,32 @@ def one_shot_prune(
                 break
             accs = {
                 ly.name: ok.FisherInverse(
-                    ly.layout.num_blocks * ly.layout.block_size, ly.layout.block_size, damp,
+                    ly.layout.num_blocks * ly.layout.block_size,
+                    ly.layout.block_size,
+                    damp,
                     num_grads if fisher_method == "woodbury" else None,
-                    damp_mode=damp_mode, method=fisher_method, dtype=fisher_dtype, device=device,
-                    backend=backend, name=ly.name,
+                    damp_mode=damp_mode,
+                    method=fisher_method,
+                    dtype=fisher_dtype,
+                    device=device,
+                    backend=backend,
+                    name=ly.name,
                 )
                 for ly in grp
             }
             t0 = time.perf_counter()
             taken = sample_gradients(
-                model, data, grp, accs, int(num_grads), loss_fn=loss_fn, device=device,
-                grad_batch_size=grad_batch_size, amp_dtype=amp_dtype, chunk=grad_chunk, progress=progress,
+                model,
+                data,
+                grp,
+                accs,
+                int(num_grads),
+                loss_fn=loss_fn,
+                device=device,
+                grad_batch_size=grad_batch_size,
+                amp_dtype=amp_dtype,
+                chunk=grad_chunk,
+                progress=progress,
                 desc=f"gradients (pass {gi + 1}/{passes})" if passes > 1 else "gradients",
             )
             _sync(device)
@@ -337,15 +352,19 @@ def one_shot_prune(
         wbs = {ly.name: ly.blocks(ly.weight.detach().flatten().float()) for ly in players}
         pads = {ly.name: ly.pad_mask(device) for ly in players}
         if method == "woodfisher":
-            keys = [ok.obs_scores(wbs[ly.name].to(fisher_dtype), finvs[ly.name].to(device), backend=backend).float()
-                    for ly in players]
+            keys = [
+                ok.obs_scores(wbs[ly.name].to(fisher_dtype), finvs[ly.name].to(device), backend=backend).float()
+                for ly in players
+            ]
         else:
             keys = [wbs[ly.name].abs() for ly in players]
         # already-pruned real weights go first; padding stands outside the count
         keys = [torch.where(wbs[ly.name] == 0, torch.full_like(k, -1.0), k) for ly, k in zip(players, keys)]
         if nm is not None:
-            prune = [_nm_select(torch.where(pads[ly.name], torch.full_like(k, -2.0), k), *nm) | pads[ly.name]
-                     for ly, k in zip(players, keys)]
+            prune = [
+                _nm_select(torch.where(pads[ly.name], torch.full_like(k, -2.0), k), *nm) | pads[ly.name]
+                for ly, k in zip(players, keys)
+            ]
         elif method == "magnitude":
             prune = [_global_select([k], [~pads[ly.name]], sparsity)[0] | pads[ly.name] for ly, k in zip(players, keys)]
         else:
@@ -371,8 +390,17 @@ def one_shot_prune(
     for ly in players:
         kp = keep[ly.name].reshape(-1)[: ly.layout.numel]
         pruned = int((~kp).sum())
-        reports.append(LayerReport(ly.name, ly.layout.numel, ly.layout.block_size, ly.layout.num_blocks,
-                                   ly.layout.pad, pruned, pruned / ly.layout.numel))
+        reports.append(
+            LayerReport(
+                ly.name,
+                ly.layout.numel,
+                ly.layout.block_size,
+                ly.layout.num_blocks,
+                ly.layout.pad,
+                pruned,
+                pruned / ly.layout.numel,
+            )
+        )
     with torch.no_grad():
         for ly in players:
             ly.weight.copy_(ly.unblock(new_w[ly.name]).to(ly.weight.dtype))
@@ -381,8 +409,16 @@ def one_shot_prune(
     times["total"] = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PruneReport(
-        method=method, sparsity=sparsity, pattern=pattern,
-        total_params=sum(r.numel for r in reports), total_pruned=sum(r.pruned for r in reports),
-        est_loss_increase=est, num_grads=taken if needs_fisher else 0, passes=passes,
-        layers=reports, times=times, peak_memory_bytes=peak, notes=notes,
+        method=method,
+        sparsity=sparsity,
+        pattern=pattern,
+        total_params=sum(r.numel for r in reports),
+        total_pruned=sum(r.pruned for r in reports),
+        est_loss_increase=est,
+        num_grads=taken if needs_fisher else 0,
+        passes=passes,
+        layers=reports,
+        times=times,
+        peak_memory_bytes=peak,
+        notes=notes,
     )

@@ -76,9 +76,7 @@ def sample_gradients(
     saved_grads = [p.grad for p in params]
     was_training = model.training
     masks = {ly.name: (ly.weight.detach() == 0).flatten() for ly in layers}
-    buffers = {
-        ly.name: torch.zeros(chunk, ly.layout.num_blocks * ly.layout.block_size, device=device) for ly in layers
-    }
+    buffers = {ly.name: torch.zeros(chunk, ly.layout.num_blocks * ly.layout.block_size, device=device) for ly in layers}
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -93,7 +91,9 @@ def sample_gradients(
         for ly in layers:
             ly.weight.requires_grad_(True)
         autocast = (
-            torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+            torch.autocast(device_type=device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
         )
         for x, y in batches(data, grad_batch_size):
             if taken >= num_grads:

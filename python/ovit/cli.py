@@ -1,0 +1,134 @@
+"""Command line: ``ovit demo`` and ``ovit prune``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .pruner import METHODS
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out)
+    if args.fast:
+        cfg = DemoConfig(seeds=(0,), sparsities=(0.5, 0.9), epochs=3, num_grads=32, out=args.out)
+    if args.seeds is not None:
+        cfg.seeds = tuple(range(args.seeds))
+    run_demo(cfg)
+    return 0
+
+
+def _load_model(spec: str, checkpoint: str | None, kwargs: dict) -> torch.nn.Module:
+    import timm
+
+    if os.path.isfile(spec):
+        ckpt = torch.load(spec, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
+            raise SystemExit(f"{spec}: expected a checkpoint {{'arch': timm name, 'state_dict': ...}}")
+        model = timm.create_model(ckpt["arch"], pretrained=False, **{**ckpt.get("kwargs", {}), **kwargs})
+        model.load_state_dict(ckpt["state_dict"])
+        return model
+    model = timm.create_model(spec, pretrained=False, **kwargs)
+    if checkpoint:
+        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+        model.load_state_dict(sd)
+    return model
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import timm
+    from torchvision.datasets import ImageFolder
+
+    from .pruner import one_shot_prune
+
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"--data {args.data!r} is not a directory (an ImageFolder: one sub-folder per class)")
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model = _load_model(args.model, args.checkpoint, kwargs)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img is not None:  # a model created at another resolution than its pretrained config
+        cfg["input_size"] = (cfg["input_size"][0], *img)
+    tf = timm.data.create_transform(**cfg, is_training=False)
+    ds = ImageFolder(args.data, transform=tf)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=args.grad_batch_size,
+        shuffle=True,
+        drop_last=False,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    report = one_shot_prune(
+        model,
+        loader,
+        args.sparsity,
+        method=args.method,
+        block_size=args.block_size,
+        num_grads=args.num_grads,
+        damp=args.damp,
+        damp_mode=args.damp_mode,
+        pattern=args.pattern,
+        layers=args.layers,
+        amp_dtype=amp,
+        backend=args.backend,
+    )
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, out)
+    rep_path = os.path.splitext(out)[0] + ".json"
+    with open(rep_path, "w") as f:
+        f.write(report.to_json())
+    print(
+        f"pruned {report.total_pruned}/{report.total_params} weights ({report.achieved_sparsity:.2%}) "
+        f"with {report.method}; state dict: {out}; report: {rep_path}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ovit", description="Optimal ViT Surgeon: one-shot second-order pruning")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="train a small ViT on digits, prune it by every method, plot accuracy")
+    d.add_argument("--fast", action="store_true", help="a quick run (1 seed, few epochs, few gradients)")
+    d.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    d.add_argument("--out", default="ovit_out", help="folder for the plot and the JSON results")
+    d.set_defaults(func=_demo)
+    p = sub.add_parser("prune", help="prune a timm model on an ImageFolder data set")
+    p.add_argument("--model", required=True, help="timm model name, or a checkpoint {'arch', 'state_dict'}")
+    p.add_argument("--checkpoint", help="state dict to load into a model given by name")
+    p.add_argument("--model-kwargs", help="JSON keyword arguments for timm.create_model")
+    p.add_argument("--data", required=True, help="ImageFolder directory (calibration images)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction in [0, 1); implied by --pattern n:m")
+    p.add_argument("--method", choices=METHODS, default="ovit")
+    p.add_argument("--pattern", default="unstructured", help="'unstructured' or 'n:m' such as 2:4")
+    p.add_argument("--block-size", type=int, default=192)
+    p.add_argument("--num-grads", type=int, default=4096)
+    p.add_argument("--grad-batch-size", type=int, default=128)
+    p.add_argument("--damp", type=float, default=1e-8)
+    p.add_argument("--damp-mode", choices=("absolute", "relative"), default="absolute")
+    p.add_argument("--layers", default=None, help="regex of module names (default: timm attn/mlp linears)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "reference"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--out", required=True, help="path of the pruned state dict (.pt); the report goes beside it")
+    p.set_defaults(func=_prune)
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The front-end ``ovit``: block layout, exact sparsity, the methods on a quadratic problem,
+nothing changed on failure, timm models, memory planning, the demo and the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import ovit
+from ovit.layers import PrunableLayer, block_layout
+from ovit.models import TinyViT
+
+
+def random_data(n_batches=12, batch=8, shape=(1, 8, 8), classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
+        for _ in range(n_batches)
+    ]
+
+
+def pruned_fraction(model, names):
+    mods = dict(model.named_modules())
+    tot = sum(mods[n].weight.numel() for n in names)
+    zero = sum(int((mods[n].weight == 0).sum()) for n in names)
+    return zero, tot
+
+
+# --- SPEC §1 block layout ------------------------------------------------------------------------
+
+
+def test_block_layout_rules():
+    assert block_layout(64 * 192, 64) == ovit.Layout(64 * 192, 64, 192, 0)  # B divides
+    assert block_layout(70 * 10, 64).block_size == 70  # smallest divisor >= B, within 2B
+    lay = block_layout(131 * 137, 64)  # 131 and 137 are prime: no divisor in [64, 128]
+    assert lay.block_size == 64 and lay.pad == lay.num_blocks * 64 - 131 * 137 and 0 < lay.pad < 64
+    assert block_layout(30, 64) == ovit.Layout(30, 30, 1, 0)  # one block smaller than B
+    # N:M: a divisor that is not a multiple of m is refused, padding is used instead
+    lay = block_layout(66 * 7, 64, group=4)
+    assert lay.block_size % 4 == 0 and lay.pad > 0
+
+
+def test_padding_does_not_change_the_result(gen):
+    """Padded entries (zero gradient, pre-pruned) are eliminated first at zero loss and leave
+    the elimination, the counts and the reconstruction of the real entries unchanged."""
+    lin = nn.Linear(7, 7)  # N = 49: no divisor in [8, 16], so blocks of 8 with 7 padded entries
+    ly = PrunableLayer("x", lin, block_layout(49, 8))
+    assert ly.layout == ovit.Layout(49, 8, 7, 7)
+    wb = ly.blocks(lin.weight.detach().flatten().double())
+    assert torch.equal(ly.unblock(wb).float(), lin.weight.detach())
+    assert ly.pad_mask(torch.device("cpu")).sum() == 7
+
+    from conftest import random_fisher_inverse
+
+    import ovit_kernels as ok
+
+    real = 5
+    _, h5 = random_fisher_inverse(1, real, 12, 0.1, gen)
+    h8 = torch.eye(8, dtype=torch.float64).unsqueeze(0) * 10.0  # padded rows: (1/λ) I, no coupling
+    h8[:, :real, :real] = h5
+    w5 = torch.randn(1, real, generator=gen, dtype=torch.float64)
+    w8 = torch.cat([w5, torch.zeros(1, 3, dtype=torch.float64)], 1)
+    pad = torch.tensor([[False] * real + [True] * 3])
+    o5, l5 = ok.obs_prune_order(w5, h5)
+    o8, l8 = ok.obs_prune_order(w8, h8, mask=pad)
+    assert o8[0, :3].tolist() == [5, 6, 7] and (l8[0, :3] == 0).all()
+    assert torch.equal(o8[:, 3:], o5)
+    torch.testing.assert_close(l8[:, 3:], l5)
+    c5 = ok.prune_counts(l5, 0.4)
+    c8 = ok.prune_counts(l8, 0.4, exclude=torch.tensor([3]))
+    assert int(c8) == int(c5) + 3
+    r5, k5 = ok.obs_reconstruct(w5, h5, o5, c5)
+    r8, k8 = ok.obs_reconstruct(w8, h8, o8, c8)
+    torch.testing.assert_close(r8[:, :real], r5)
+    assert torch.equal(k8[:, :real], k5) and not k8[:, real:].any()
+
+
+# --- exact sparsity ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ovit.METHODS)
+def test_exact_global_sparsity(method):
+    torch.manual_seed(0)
+    model = TinyViT(dim=32, depth=2, heads=2)
+    names = [n for n, _ in ovit.select_layers(model)]
+    rep = ovit.one_shot_prune(
+        model,
+        random_data(),
+        0.6,
+        method=method,
+        block_size=16,
+        num_grads=12,
+        damp=1e-2,
+        damp_mode="relative",
+        progress=False,
+    )
+    zero, tot = pruned_fraction(model, names)
+    k = math.floor(0.6 * tot + 0.5)
+    assert rep.total_params == tot and rep.total_pruned == k
+    assert zero >= k  # every pruned weight is zero (a kept weight may also happen to be 0)
+    assert abs(rep.achieved_sparsity - 0.6) < 1e-3
+    if method == "magnitude":
+        assert all(abs(lr.sparsity - 0.6) < 1e-3 for lr in rep.layers)
+    if method in ("ovit", "woodfisher"):
+        assert rep.est_loss_increase is not None and rep.est_loss_increase >= 0
+        assert rep.num_grads == 12 and rep.passes == 1
+        assert set(rep.times) >= {"sampling", "fisher_inverse", "selection", "reconstruction", "total"}
+    json.loads(rep.to_json())
+
+
+@pytest.mark.parametrize("method", ["ovit", "woodfisher", "magnitude"])
+def test_nm_pattern(method):
+    torch.manual_seed(1)
+    model = TinyViT(dim=32, depth=1, heads=2)
+    rep = ovit.one_shot_prune(
+        model,
+        random_data(),
+        method=method,
+        pattern="2:4",
+        block_size=16,
+        num_grads=8,
+        damp=1e-2,
+        damp_mode="relative",
+        progress=False,
+    )
+    assert rep.sparsity == 0.5 and rep.achieved_sparsity == 0.5
+    for name, mod in ovit.select_layers(model):
+        nz = (mod.weight.reshape(-1, 4) != 0).sum(1)
+        assert (nz <= 2).all(), name
+    with pytest.raises(ValueError, match="fixes the sparsity"):
+        ovit.one_shot_prune(TinyViT(dim=32, depth=1, heads=2), random_data(), 0.7, pattern="2:4", progress=False)
+
+
+# --- the methods on a quadratic problem ----------------------------------------------------------
+
+
+def test_second_order_methods_beat_magnitude_on_a_quadratic_problem():
+    """Least squares with inputs of very different scales, mildly correlated: the loss is
+    exactly quadratic in the weights, so OBS-based pruning must lose less than magnitude
+    pruning, and the correlation-aware oViT no more than WoodFisher."""
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 32, 4, 4096
+    mix = torch.randn(d_in, d_in, generator=g) * 0.02 + torch.eye(d_in)
+    scales = torch.logspace(-1, 1, d_in)[torch.randperm(d_in, generator=g)]
+    x = (torch.randn(n, d_in, generator=g) * scales) @ mix
+    w_true = torch.randn(d_out, d_in, generator=g)
+    y = x @ w_true.T + 0.5 * torch.randn(n, d_out, generator=g)
+    w_opt = torch.linalg.lstsq(x, y).solution.T
+
+    def loss_of(model):
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(model(x), y))
+
+    data = [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]
+    losses = {}
+    for method in ("ovit", "woodfisher", "magnitude", "global_magnitude"):
+        model = nn.Linear(d_in, d_out, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(w_opt)
+        ovit.one_shot_prune(
+            model,
+            data,
+            0.5,
+            method=method,
+            layers=[model],
+            block_size=32,
+            num_grads=128,
+            damp=1e-3,
+            damp_mode="relative",
+            loss_fn=nn.functional.mse_loss,
+            progress=False,
+        )
+        losses[method] = loss_of(model)
+    assert losses["ovit"] < losses["magnitude"] and losses["ovit"] < losses["global_magnitude"]
+    assert losses["woodfisher"] < losses["magnitude"]
+    assert losses["ovit"] <= losses["woodfisher"]
+    assert losses["woodfisher"] < 0.2 * losses["magnitude"]
+
+
+# --- failure leaves the model untouched ------------------------------------------------------------
+
+
+def test_failed_run_leaves_the_model_untouched():
+    torch.manual_seed(0)
+    model = TinyViT(dim=32, depth=1, heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    model.train()
+    data = random_data()
+    data[3] = (torch.full_like(data[3][0], float("nan")), data[3][1])
+    with pytest.raises(ValueError, match="NaN"):
+        ovit.one_shot_prune(model, data, 0.5, block_size=16, num_grads=8, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        ovit.one_shot_prune(model, data, 1.0, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        ovit.one_shot_prune(model, data, 0.5, method="random", progress=False)
+    with pytest.raises(ValueError, match="no Linear/Conv2d"):
+        ovit.one_shot_prune(model, data, 0.5, layers="nothing_matches", progress=False)
+
+
+# --- timm models ---------------------------------------------------------------------------------
+
+TIMM_MODELS = [
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=1)),
+    ("deit_tiny_patch16_224", dict(img_size=32, depth=1)),
+    ("swin_tiny_patch4_window7_224", dict(img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=32, window_size=7)),
+]
+
+
+@pytest.mark.parametrize("name,kw", TIMM_MODELS, ids=[m[0] for m in TIMM_MODELS])
+def test_timm_models(name, kw):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kw)
+    names = [n for n, _ in ovit.select_layers(model)]
+    assert any(n.endswith("attn.qkv") for n in names) and any(n.endswith("mlp.fc2") for n in names)
+    s = kw["img_size"]
+    data = random_data(n_batches=4, batch=2, shape=(3, s, s), classes=5)
+    rep = ovit.one_shot_prune(
+        model, data, 0.5, block_size=32, num_grads=4, damp=1e-3, damp_mode="relative", progress=False
+    )
+    zero, tot = pruned_fraction(model, names)
+    assert rep.total_pruned == math.floor(0.5 * tot + 0.5) and zero >= rep.total_pruned
+    assert torch.isfinite(model(data[0][0])).all()
+
+
+# --- memory planning -------------------------------------------------------------------------------
+
+
+def test_layer_groups_when_the_fisher_does_not_fit():
+    torch.manual_seed(0)
+    ref = TinyViT(dim=32, depth=2, heads=2)
+    data = random_data()
+    a = TinyViT(dim=32, depth=2, heads=2)
+    a.load_state_dict(ref.state_dict())
+    b = TinyViT(dim=32, depth=2, heads=2)
+    b.load_state_dict(ref.state_dict())
+    kw = dict(block_size=16, num_grads=8, damp=1e-2, damp_mode="relative", progress=False)
+    r1 = ovit.one_shot_prune(a, data, 0.5, **kw)
+    r2 = ovit.one_shot_prune(b, data, 0.5, memory_budget=200_000, **kw)
+    assert r1.passes == 1 and r2.passes > 1 and any("passes" in n for n in r2.notes)
+    for (k, v), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --- demo and CLI ----------------------------------------------------------------------------------
+
+
+def test_demo_fast_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from ovit.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(seeds=(0,), sparsities=(0.5,), epochs=1, num_grads=8, out=str(tmp_path / "out"))
+    out = run_demo(cfg, log=lambda *_: None)
+    assert set(out["results"]) == set(ovit.METHODS)
+    assert (tmp_path / "out" / "digits_accuracy.png").stat().st_size > 1000
+    assert list((tmp_path / "cache" / "ovit").glob("digits_vit_*.pt"))
+
+
+def test_cli_prune_on_an_image_folder(tmp_path):
+    pytest.importorskip("timm")
+    from PIL import Image
+
+    from ovit.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    out = tmp_path / "pruned.pt"
+    rc = main(
+        [
+            "prune",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            json.dumps({"img_size": 32, "depth": 1, "num_classes": 2}),
+            "--data",
+            str(tmp_path / "data"),
+            "--sparsity",
+            "0.5",
+            "--method",
+            "ovit",
+            "--block-size",
+            "32",
+            "--num-grads",
+            "4",
+            "--grad-batch-size",
+            "2",
+            "--damp",
+            "1e-3",
+            "--damp-mode",
+            "relative",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    rep = json.loads((tmp_path / "pruned.json").read_text())
+    assert rep["method"] == "ovit" and abs(rep["achieved_sparsity"] - 0.5) < 1e-3
+    sd = torch.load(out, weights_only=True)
+    assert (sd["blocks.0.mlp.fc1.weight"] == 0).float().mean() > 0.2

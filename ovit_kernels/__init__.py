@@ -9,6 +9,8 @@ from ._backend import BackendStatus, available_backends
 from .errors import BackendUnavailableError, NotPositiveDefiniteError, OvitError
 from .fisher import FisherInverse, fisher_inverse, woodbury_update_
 from .obs import obs_prune_order, obs_reconstruct, obs_scores, obs_update_independent, prune_counts
+from .sparse import SparseLinear, sparsify, spmm
+from .sparse_formats import PackedWeight, pack, pack_bitmap, pack_bsr, pack_nm, unpack
 
 __version__ = "0.1.0"
 
@@ -18,12 +20,21 @@ __all__ = [
     "FisherInverse",
     "NotPositiveDefiniteError",
     "OvitError",
+    "PackedWeight",
+    "SparseLinear",
     "available_backends",
     "fisher_inverse",
     "obs_prune_order",
     "obs_reconstruct",
     "obs_scores",
     "obs_update_independent",
+    "pack",
+    "pack_bitmap",
+    "pack_bsr",
+    "pack_nm",
     "prune_counts",
+    "sparsify",
+    "spmm",
+    "unpack",
     "woodbury_update_",
 ]

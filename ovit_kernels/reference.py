@@ -221,7 +221,14 @@ def obs_reconstruct(
     return wd.to(w.dtype), ~pruned, bad
 
 
+def spmm(x, packed, bias, activation):
+    from .sparse import reference_spmm
+
+    return reference_spmm(x, packed, bias, activation)
+
+
 OPS = {
+    "spmm": spmm,
     "woodbury_update_": woodbury_update_,
     "gram_update_": gram_update_,
     "gram_inverse": gram_inverse,

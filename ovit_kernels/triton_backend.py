@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _alloc, reference
+from . import _alloc, reference, triton_spmm
 from ._backend import BackendStatus, triton_interpret
 
 MAX_BLOCK = 128
@@ -318,6 +318,7 @@ def obs_reconstruct(
 
 
 OPS = {
+    "spmm": triton_spmm.spmm,
     "woodbury_update_": woodbury_update_,
     "gram_update_": reference.gram_update_,
     "gram_inverse": gram_inverse,

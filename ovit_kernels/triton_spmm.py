@@ -1,0 +1,214 @@
+"""Triton sparse × dense kernels: out = act(x @ Wᵀ + bias) with W in a compressed format.
+
+Each program computes a (BM tokens × BN outputs) tile with fp32 accumulation; the weight tile
+is decompressed on chip (N:M, bitmap) or read as stored blocks (BSR), and never materialised
+in global memory. Triton has no sparse-tensor-core dot, so the N:M path here is a correctness
+path (CPU interpreter, other cards), not a speed claim for 2:4.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _alloc
+from .sparse_formats import CHUNK, PackedWeight
+
+
+@triton.jit
+def _popcount32(v):
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return (v * 0x01010101) >> 24
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu(acc)
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _spmm_dense_k_kernel(
+    x_ptr,
+    out_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    kc,
+    FORMAT: tl.constexpr,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """N:M (FORMAT=0) and bitmap (FORMAT=1): loop over all of K, decompress each weight tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
+        )
+        live = (rn[:, None] < N) & (rk[None, :] < K)
+        if FORMAT == 0:
+            kept_per_row = K // NM_M * NM_N
+            grp = rk // NM_M
+            pos = (rk % NM_M).to(tl.uint8)
+            w = tl.zeros((BN, BK), dtype=x.dtype)
+            for t in tl.static_range(NM_N):
+                off = rn[:, None] * kept_per_row + grp[None, :] * NM_N + t
+                v = tl.load(a_ptr + off, mask=live, other=0.0)
+                ix = tl.load(b_ptr + off, mask=live, other=255)
+                w = tl.where(ix == pos[None, :], v.to(x.dtype), w)
+        else:
+            ch = rk // 32
+            bit = (rk % 32).to(tl.uint32)
+            cell = rn[:, None] * kc + ch[None, :]
+            bits = tl.load(a_ptr + cell, mask=live, other=0).to(tl.uint32, bitcast=True)
+            start = tl.load(b_ptr + cell, mask=live, other=0)
+            is_set = ((bits >> bit[None, :]) & 1) != 0
+            below = bits & ((tl.full((1, BK), 1, tl.uint32) << bit[None, :]) - 1)
+            rank = _popcount32(below).to(tl.int32)
+            w = tl.load(c_ptr + start + rank, mask=live & is_set, other=0.0).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS, GELU)
+
+
+@triton.jit
+def _spmm_bsr_kernel(
+    x_ptr,
+    out_ptr,
+    bias_ptr,
+    val_ptr,
+    col_ptr,
+    rowptr_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    GELU: tl.constexpr,
+    IEEE: tl.constexpr,
+    BM: tl.constexpr,
+    BLK_M: tl.constexpr,
+    BLK_N: tl.constexpr,
+):
+    """BSR: one program per (token tile, block row); only the stored blocks are visited."""
+    pid_m = tl.program_id(0)
+    brow = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = brow * BLK_M + tl.arange(0, BLK_M)
+    ck = tl.arange(0, BLK_N)
+    acc = tl.zeros((BM, BLK_M), dtype=tl.float32)
+    lo = tl.load(rowptr_ptr + brow)
+    hi = tl.load(rowptr_ptr + brow + 1)
+    for j in range(lo, hi):
+        col = tl.load(col_ptr + j)
+        rk = col * BLK_N + ck
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0)
+        w = tl.load(val_ptr + j * (BLK_M * BLK_N) + tl.arange(0, BLK_M)[:, None] * BLK_N + ck[None, :])
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS, GELU)
+
+
+def _tile(v: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(v)))
+
+
+def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """x (M, K) → (M, N) in x's dtype."""
+    m_tok, k = x.shape
+    n = p.out_features
+    out = _alloc.empty(m_tok, n, dtype=x.dtype, device=x.device)
+    bias_t = bias if bias is not None else out
+    ieee = x.dtype == torch.float32
+    bm = _tile(m_tok)
+    gelu = activation == "gelu"
+    if p.format == "bsr":
+        if p.bm < 16 or p.bn < 16 or p.bm & (p.bm - 1) or p.bn & (p.bn - 1):
+            raise ValueError(f"the triton BSR kernel needs power-of-two blocks >= 16, got ({p.bm}, {p.bn})")
+        grid = (triton.cdiv(m_tok, bm), n // p.bm)
+        _spmm_bsr_kernel[grid](
+            x,
+            out,
+            bias_t,
+            p.a,
+            p.b,
+            p.c,
+            m_tok,
+            n,
+            k,
+            x.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            GELU=gelu,
+            IEEE=ieee,
+            BM=bm,
+            BLK_M=p.bm,
+            BLK_N=p.bn,
+        )
+        return out
+    bn = _tile(n)
+    if p.format == "nm":
+        bk = max(16, triton.next_power_of_2(p.m))
+        bk = max(bk, 32)
+        fmt, kc = 0, 0
+    else:
+        bk, fmt, kc = CHUNK, 1, p.a.shape[1]
+    grid = (triton.cdiv(m_tok, bm), triton.cdiv(n, bn))
+    _spmm_dense_k_kernel[grid](
+        x,
+        out,
+        bias_t,
+        p.a,
+        p.b,
+        p.c,
+        m_tok,
+        n,
+        k,
+        x.stride(0),
+        out.stride(0),
+        kc,
+        FORMAT=fmt,
+        NM_N=max(p.n, 1),
+        NM_M=max(p.m, 1),
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        IEEE=ieee,
+        BM=bm,
+        BN=bn,
+        BK=bk,
+    )
+    return out

@@ -1,0 +1,135 @@
+"""Compressed formats, the sparse × dense product, SparseLinear and sparsify."""
+
+import pytest
+import torch
+from torch import nn
+
+import ovit_kernels as ok
+from ovit_kernels.sparse_formats import CHUNK
+
+
+def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    out, k = w.shape
+    g = w.abs().view(out, k // m, m)
+    idx = g.topk(n, dim=-1).indices
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).view(out, k)
+
+
+def block_mask(out: int, k: int, bm: int, bn: int, density: float, gen) -> torch.Tensor:
+    occ = torch.rand(out // bm, k // bn, generator=gen) < density
+    inner = torch.rand(out, k, generator=gen) < 0.8  # stored blocks may hold zeros too
+    return occ.repeat_interleave(bm, 0).repeat_interleave(bn, 1) & inner
+
+
+def cases(gen, dtype):
+    w = torch.randn(24, 72, generator=gen).to(dtype)  # in = 72: not a multiple of the 32-chunk
+    wn = torch.randn(20, 64, generator=gen).to(dtype)
+    mn = nm_mask(wn)
+    mn[3, :4] = False  # an under-full group
+    wb = torch.randn(32, 64, generator=gen).to(dtype)
+    mb = block_mask(32, 64, 16, 16, 0.5, gen)
+    mu = torch.rand(24, 72, generator=gen) < 0.2
+    return [
+        ("nm", ok.pack_nm(wn, mn), torch.where(mn, wn, 0)),
+        ("bitmap", ok.pack_bitmap(w, mu), torch.where(mu, w, 0)),
+        ("bsr", ok.pack_bsr(wb, mb, (16, 16)), torch.where(mb, wb, 0)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_packing_round_trips_exactly(dtype, gen):
+    for name, packed, dense in cases(gen, dtype):
+        assert torch.equal(ok.unpack(packed), dense), name
+        assert packed.dtype == dtype
+    # nothing kept / everything kept
+    w = torch.randn(8, 32, generator=gen)
+    assert torch.equal(ok.unpack(ok.pack_bitmap(w, torch.zeros(8, 32, dtype=torch.bool))), torch.zeros(8, 32))
+    assert torch.equal(ok.unpack(ok.pack_bitmap(w, torch.ones(8, 32, dtype=torch.bool))), w)
+    # compressed sizes
+    p = ok.pack_bitmap(torch.randn(64, 256, generator=gen), torch.rand(64, 256, generator=gen) < 0.1)
+    assert p.nbytes() < 64 * 256 * 4 * 0.25
+    assert p.a.shape == (64, 256 // CHUNK)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_spmm_equals_dense_product(backend, dtype, activation, gen):
+    for name, packed, dense in cases(gen, dtype):
+        x = torch.randn(3, 5, dense.shape[1], generator=gen).to(dtype)  # leading dims, 15 rows
+        bias = torch.randn(dense.shape[0], generator=gen).to(dtype)
+        want = x.float() @ dense.float().T + bias.float()
+        if activation == "gelu":
+            want = nn.functional.gelu(want)
+        got = ok.spmm(x, packed, bias, activation, backend=backend)
+        assert got.shape == (3, 5, dense.shape[0]) and got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol, msg=name)
+
+
+def test_bad_masks_and_inputs_are_refused(gen):
+    w = torch.randn(8, 16, generator=gen)
+    with pytest.raises(ValueError, match="not 2:4"):
+        ok.pack_nm(w, torch.ones(8, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="multiple of m"):
+        ok.pack_nm(torch.randn(8, 18), None)
+    with pytest.raises(ValueError, match="shape"):
+        ok.pack_bitmap(w, torch.ones(8, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        ok.pack_bitmap(w, torch.ones(8, 16))
+    with pytest.raises(ValueError, match="tile"):
+        ok.pack_bsr(w, None, (3, 4))
+    with pytest.raises(ValueError, match="format"):
+        ok.pack(w, "csr")
+    p = ok.pack_bitmap(w)
+    with pytest.raises(ValueError, match="in_features"):
+        ok.spmm(torch.randn(2, 15), p)
+    with pytest.raises(TypeError, match="dtype"):
+        ok.spmm(torch.randn(2, 16, dtype=torch.float64), p)
+    with pytest.raises(ValueError, match="activation"):
+        ok.spmm(torch.randn(2, 16), p, activation="relu")
+
+
+@pytest.mark.parametrize("fmt", ["nm", "bitmap", "bsr"])
+def test_sparse_linear_matches_dense_and_compiles(fmt, gen):
+    lin = nn.Linear(64, 32)
+    with torch.no_grad():
+        if fmt == "nm":
+            lin.weight.mul_(nm_mask(lin.weight))
+        elif fmt == "bsr":
+            lin.weight.mul_(block_mask(32, 64, 16, 16, 0.5, gen))
+        else:
+            lin.weight.mul_(torch.rand(32, 64, generator=gen) < 0.25)
+    kw = {"block": (16, 16)} if fmt == "bsr" else {}
+    sl = ok.SparseLinear.from_linear(lin, fmt, **kw)
+    x = torch.randn(7, 64, generator=gen)
+    torch.testing.assert_close(sl(x), lin(x), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(sl, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), lin(x), rtol=1e-5, atol=1e-5)
+    state = sl.state_dict()
+    assert set(state) >= {"a", "b", "c", "bias"}
+
+
+def test_sparsify_never_picks_a_slower_format(gen):
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[0].weight.mul_(nm_mask(model[0].weight))
+        model[2].weight.mul_(torch.rand(64, 64, generator=gen) < 0.2)
+    x = torch.randn(4, 64, generator=gen)
+    want = model(x)
+    # nothing measured: everything stays dense
+    chosen = ok.sparsify(model, table=[])
+    assert all(v.startswith("dense") for v in chosen.values())
+    assert isinstance(model[0], nn.Linear)
+    # a measured table: only formats measured faster than dense are used
+    table = [
+        {"device": "cpu", "out": 64, "in": 64, "tokens": 16, "format": "nm", "sparsity": 0.5, "speedup": 1.3},
+        {"device": "cpu", "out": 64, "in": 64, "tokens": 16, "format": "bitmap", "sparsity": 0.5, "speedup": 0.7},
+        {"device": "cpu", "out": 64, "in": 64, "tokens": 16, "format": "bitmap", "sparsity": 0.75, "speedup": 1.1},
+    ]
+    chosen = ok.sparsify(model, tokens=16, table=table)
+    assert chosen == {"0": "nm", "2": "bitmap"}
+    assert isinstance(model[0], ok.SparseLinear) and model[0].format == "nm"
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not 2:4"):
+        ok.sparsify(nn.Sequential(nn.Linear(8, 8)), format="nm")

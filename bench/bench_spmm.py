@@ -14,61 +14,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import DEVICE, device_name, sync, timed
 
 import ovit_kernels as ok
 
 SHAPES = [(768, 768), (2304, 768), (3072, 768), (768, 3072), (4096, 1024), (1024, 4096)]  # (out, in)
 BATCHES = [1, 8, 64]  # images of 197 tokens
 SPARSITIES = [0.5, 0.75, 0.9]
-_flush = None
-
-
-def _flush_l2() -> None:
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda")
-    _flush.zero_()
 
 
 def time_call(fn, flushed: bool, reps: int = 20) -> float:
     """Median seconds per call over ``reps`` event-timed calls."""
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        if flushed:
-            _flush_l2()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts)
+    return timed(fn, reps=reps, warmup=1, flushed=flushed)
 
 
 def make_weight(out: int, inp: int, sparsity: float, kind: str) -> torch.Tensor:
-    w = torch.randn(out, inp, device="cuda", dtype=torch.float16)
+    w = torch.randn(out, inp, device=DEVICE, dtype=torch.float16)
     if kind == "nm":
         g = w.abs().view(out, inp // 4, 4)
         idx = g.topk(2, -1).indices
         return w * torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).view(out, inp)
     if kind == "bsr":
-        occ = torch.rand(out // 64, inp // 64, device="cuda") >= sparsity
+        occ = torch.rand(out // 64, inp // 64, device=DEVICE) >= sparsity
         return w * occ.repeat_interleave(64, 0).repeat_interleave(64, 1)
-    return w * (torch.rand(out, inp, device="cuda") >= sparsity)
+    return w * (torch.rand(out, inp, device=DEVICE) >= sparsity)
 
 
 def measure_case(out: int, inp: int, tokens: int, sparsity: float, kind: str) -> dict:
     w = make_weight(out, inp, sparsity, kind)
-    x = torch.randn(tokens, inp, device="cuda", dtype=torch.float16)
-    bias = torch.randn(out, device="cuda", dtype=torch.float16)
+    x = torch.randn(tokens, inp, device=DEVICE, dtype=torch.float16)
+    bias = torch.randn(out, device=DEVICE, dtype=torch.float16)
     want = F.linear(x, w, bias)
     fmt = {"nm": "nm", "bsr": "bsr", "unstructured": "bitmap"}[kind]
     kw = {"block": (64, 64)} if fmt == "bsr" else {}
@@ -119,8 +99,8 @@ def end_to_end(batch: int = 64) -> dict:
     """ViT-B forward, dense vs 2:4 on MLP and attention projections through sparsify(format="nm")."""
     import timm
 
-    model = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
-    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.float16)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).to(DEVICE).half().eval()
+    x = torch.randn(batch, 3, 224, 224, device=DEVICE, dtype=torch.float16)
     with torch.no_grad():
         for name, mod in model.named_modules():
             if name.endswith(("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")):
@@ -144,9 +124,9 @@ def test_spmm(benchmark, kind, shape, batch):
     fmt = {"nm": "nm", "bsr": "bsr", "unstructured": "bitmap"}[kind]
     kw = {"block": (64, 64)} if fmt == "bsr" else {}
     p = ok.pack(w, fmt, **kw)
-    x = torch.randn(197 * batch, inp, device="cuda", dtype=torch.float16)
+    x = torch.randn(197 * batch, inp, device=DEVICE, dtype=torch.float16)
     benchmark.extra_info.update(format=fmt, sparsity=sparsity, tokens=197 * batch)
-    benchmark(lambda: (ok.spmm(x, p), torch.cuda.synchronize()))
+    benchmark(lambda: (ok.spmm(x, p), sync()))
 
 
 def main() -> None:
@@ -154,7 +134,7 @@ def main() -> None:
     ap.add_argument("--table", default="spmm_table.json")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    dev = torch.cuda.get_device_name()
+    dev = device_name()
     rows = []
     t0 = time.time()
     shapes = SHAPES[:3] if args.quick else SHAPES

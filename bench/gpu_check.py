@@ -13,8 +13,9 @@ Slices: timings run on a slice of N_SLICE parameters and are scaled linearly to 
 gradients / a smaller slice and are scaled the same way. Everything printed is also written
 as JSON to ``$OUT/gpu_check.json`` (or ``bench/out/``).
 
-    python bench/gpu_check.py            # full check
-    python bench/gpu_check.py --quick    # smaller slices
+    python bench/gpu_check.py                      # full check
+    python bench/gpu_check.py --quick              # smaller slices
+    python bench/gpu_check.py --sections tests obs # a subset
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +32,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 N_VITB = 86_000_000
 T0 = time.time()
+# block sizes and (B, m) cases; --dry-run shrinks them to run on the CPU
+BLOCKS = (64, 128, 192)
+FISHER_CASES = ((64, 1024), (128, 1024), (192, 4096))
+SPMM_SHAPES: list[tuple[int, int]] | None = None
+SPMM_BATCHES = (1, 64)
+
+
+def empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def log(msg: str) -> None:
@@ -55,41 +67,27 @@ def build() -> dict:
     return {"build_s": round(time.time() - t, 1)}
 
 
-def timed(fn, reps: int = 3, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs, CUDA events around a synchronised call."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(out)
-
-
 def machine_rates() -> dict:
     import torch
+    from timing import DEVICE, timed
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    x = torch.empty(2**29, dtype=torch.float32, device="cuda")  # 2 GiB
+    big = DEVICE == "cuda"
+    x = torch.empty(2**29 if big else 2**20, dtype=torch.float32, device=DEVICE)  # 2 GiB on the GPU
     y = torch.empty_like(x)
     t = timed(lambda: y.copy_(x), reps=5)
     bw = 2 * x.numel() * 4 / t
-    a = torch.randn(8192, 8192, device="cuda")
+    n = 8192 if big else 512
+    a = torch.randn(n, n, device=DEVICE)
     t32 = timed(lambda: a @ a, reps=3)
-    a64 = a.double()[:4096, :4096].contiguous()
+    a64 = a.double()[: n // 2, : n // 2].contiguous()
     t64 = timed(lambda: a64 @ a64, reps=3)
-    return {"copy_GBps": bw / 1e9, "fp32_TFLOPs": 2 * 8192**3 / t32 / 1e12, "fp64_TFLOPs": 2 * 4096**3 / t64 / 1e12}
+    return {"copy_GBps": bw / 1e9, "fp32_TFLOPs": 2 * n**3 / t32 / 1e12, "fp64_TFLOPs": 2 * (n // 2) ** 3 / t64 / 1e12}
 
 
 def run_tests() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="0", OVIT_POISON="1")
+    interp = os.environ.get("OVIT_BENCH_DEVICE") == "cpu"  # a dry run keeps the interpreter
+    env = dict(os.environ, TRITON_INTERPRET="1" if interp else "0", OVIT_POISON="1")
     t = time.time()
     r = subprocess.run(
         [
@@ -97,10 +95,10 @@ def run_tests() -> dict:
             "-m",
             "pytest",
             "-q",
-            "-x",
             "-p",
             "no:cacheprovider",
             os.path.join(ROOT, "tests", "test_backends.py"),
+            os.path.join(ROOT, "tests", "test_sparse.py"),
         ],
         env=env,
         capture_output=True,
@@ -115,19 +113,20 @@ def run_tests() -> dict:
 def big_block_checks(n_blocks: int) -> list[dict]:
     """ViT-sized blocks, fp32 kernels vs the float64 reference on the same inputs."""
     import torch
+    from timing import DEVICE
 
     import ovit_kernels as ok
 
     rows = []
-    for b in (64, 128, 192):
+    for b in BLOCKS:
         m = 2 * b
-        g = torch.randn(m, n_blocks * b, device="cuda", dtype=torch.float64)
+        g = torch.randn(m, n_blocks * b, device=DEVICE, dtype=torch.float64)
         lam = 1e-3 * float((g.view(m, n_blocks, b) ** 2).sum(0).max() / m)  # λ/λ_max ~ 1e-4 or larger
         ref = ok.fisher_inverse(g, b, lam, method="gram", backend="reference")
         ref_d = ref.diagonal(dim1=1, dim2=2)
-        w = torch.randn(n_blocks, b, device="cuda", dtype=torch.float64)
+        w = torch.randn(n_blocks, b, device=DEVICE, dtype=torch.float64)
         o_ref, l_ref = ok.obs_prune_order(w, ref, backend="reference")
-        cnt = torch.randint(0, b + 1, (n_blocks,), device="cuda")
+        cnt = torch.randint(0, b + 1, (n_blocks,), device=DEVICE)
         w_ref, _ = ok.obs_reconstruct(w, ref, o_ref, cnt, backend="reference")
         for backend in ("cuda", "triton"):
             for method in ("woodbury", "gram"):
@@ -158,15 +157,16 @@ def big_block_checks(n_blocks: int) -> list[dict]:
 def fisher_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
     import torch
     from baselines import fisher_rank_one
+    from timing import DEVICE, timed
 
     import ovit_kernels as ok
 
     rows = []
     scale_n = N_VITB / n_slice
-    for b, m in ((64, 1024), (128, 1024), (192, 4096)):
+    for b, m in FISHER_CASES:
         n = n_slice // b * b
         chunk = 64
-        gs = torch.randn(chunk, n, device="cuda")
+        gs = torch.randn(chunk, n, device=DEVICE)
         lam = 1e-4
         # baseline: k gradients, scaled to m and to N
         kb = 8 if quick else 16
@@ -196,24 +196,25 @@ def fisher_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
         rows.append(row)
         log(f"fisher B={b}: {row}")
         gs = None
-        torch.cuda.empty_cache()
+        empty_cache()
     return rows
 
 
 def obs_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
     import torch
     from baselines import greedy_with_traces, select_and_rebuild_loop
+    from timing import DEVICE, timed
 
     import ovit_kernels as ok
 
     rows = []
-    for b in (64, 128, 192):
+    for b in BLOCKS:
         n = n_slice // b * b
         nb = n // b
         scale_n = N_VITB / n
-        x = torch.randn(nb, b, 2 * b, device="cuda")
-        h = torch.linalg.inv(x @ x.transpose(1, 2) / (2 * b) + 0.1 * torch.eye(b, device="cuda"))
-        w = torch.randn(nb, b, device="cuda")
+        x = torch.randn(nb, b, 2 * b, device=DEVICE)
+        h = torch.linalg.inv(x @ x.transpose(1, 2) / (2 * b) + 0.1 * torch.eye(b, device=DEVICE))
+        w = torch.randn(nb, b, device=DEVICE)
         x = None
         row = {"B": b}
         nbb = max(1, nb // (16 if quick else 8))
@@ -243,45 +244,95 @@ def obs_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
         rows.append(row)
         log(f"obs B={b}: {row}")
         h = w = None
-        torch.cuda.empty_cache()
+        empty_cache()
     return rows
+
+
+def spmm_timings(quick: bool) -> list[dict]:
+    from bench_spmm import SHAPES, measure_case
+
+    rows = []
+    shapes = SPMM_SHAPES or ([SHAPES[2], SHAPES[3]] if quick else SHAPES)
+    for out, inp in shapes:
+        for batch in SPMM_BATCHES:
+            for kind, s in (("nm", 0.5), ("unstructured", 0.8), ("bsr", 0.9)):
+                try:
+                    r = measure_case(out, inp, (8 if SPMM_SHAPES else 197) * batch, s, kind)
+                except Exception as e:  # noqa: BLE001
+                    r = {"out": out, "in": inp, "tokens": 197 * batch, "kind": kind, "error": str(e)[:200]}
+                rows.append(r)
+                log(f"spmm {r}")
+    return rows
+
+
+SECTIONS = ("tests", "checks", "fisher", "obs", "spmm")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller slices and fewer repetitions")
-    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument(
+        "--sections",
+        nargs="+",
+        default=list(SECTIONS),
+        choices=SECTIONS,
+        help="what to run, in this order (default: all)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "out")))
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every section on the CPU at tiny sizes (Triton interpreter), to catch script errors",
+    )
     args = ap.parse_args()
+    global BLOCKS, FISHER_CASES, SPMM_SHAPES, SPMM_BATCHES
+    if args.dry_run:
+        os.environ["OVIT_BENCH_DEVICE"] = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"
+        BLOCKS, FISHER_CASES, SPMM_SHAPES, SPMM_BATCHES = (16, 32), ((16, 64), (32, 64)), [(64, 64)], (1,)
     os.makedirs(args.out, exist_ok=True)
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}
-    report.update(build())
+    report["dry_run"] = args.dry_run
+    if not args.dry_run:
+        report.update(build())
     log(f"build: {report}")
 
     import torch
     import triton
+    from timing import device_name
 
     import ovit_kernels as ok
 
-    report["device"] = torch.cuda.get_device_name()
+    report["device"] = device_name()
     report["versions"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
     report["backends"] = {k: str(v) for k, v in ok.available_backends().items()}
     log(f"{report['device']} {report['versions']} {report['backends']}")
+    path = os.path.join(args.out, "gpu_check.json")
+
+    def save() -> None:  # after every section, so a run cut short still leaves its numbers
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
     report["rates"] = machine_rates()
     log(f"rates: {report['rates']}")
-    if not args.skip_tests:
-        report["tests"] = run_tests()
-        log(f"tests: {report['tests']}")
-    report["big_blocks"] = big_block_checks(256 if args.quick else 1024)
-    for r in report["big_blocks"]:
-        log(f"check {r}")
-    n_slice = 2**21 if args.quick else 2**22
+    save()
+    n_slice = 2**11 if args.dry_run else 2**21 if args.quick else 2**22
     report["n_slice"] = n_slice
-    report["fisher"] = fisher_timings(n_slice, report["rates"], args.quick)
-    report["obs"] = obs_timings(n_slice, report["rates"], args.quick)
-    path = os.path.join(args.out, "gpu_check.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    for section in args.sections:
+        if section == "tests":
+            report["tests"] = run_tests()
+        elif section == "checks":
+            report["big_blocks"] = big_block_checks(4 if args.dry_run else 256 if args.quick else 1024)
+            for r in report["big_blocks"]:
+                log(f"check {r}")
+        elif section == "fisher":
+            report["fisher"] = fisher_timings(n_slice, report["rates"], args.quick)
+        elif section == "obs":
+            report["obs"] = obs_timings(n_slice, report["rates"], args.quick)
+        elif section == "spmm":
+            report["spmm"] = spmm_timings(args.quick)
+        log(f"{section} done")
+        save()
     log(f"wrote {path}")
 
 

@@ -51,6 +51,9 @@ def test_packing_round_trips_exactly(dtype, gen):
     assert p.a.shape == (64, 256 // CHUNK)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # triton: compiled on a GPU, interpreted on CPU
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("activation", [None, "gelu"])
@@ -61,10 +64,11 @@ def test_spmm_equals_dense_product(backend, dtype, activation, gen):
         want = x.float() @ dense.float().T + bias.float()
         if activation == "gelu":
             want = nn.functional.gelu(want)
-        got = ok.spmm(x, packed, bias, activation, backend=backend)
+        dev = DEVICE if backend == "triton" else "cpu"
+        got = ok.spmm(x.to(dev), packed.to(dev), bias.to(dev), activation, backend=backend)
         assert got.shape == (3, 5, dense.shape[0]) and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol, msg=name)
+        torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol, msg=name)
 
 
 def test_bad_masks_and_inputs_are_refused(gen):

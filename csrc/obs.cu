@@ -1,9 +1,11 @@
 // OBS kernels on the register tile: greedy correlation-aware elimination (order + cumulative
 // loss, nothing else written per step), replay of a prefix (reconstruction), and the damped
 // Gauss–Jordan inverse of the Gram path. One thread block per Fisher block; every step is
-// O(B²) register work and two __syncthreads (argmin, then the pivot column).
+// O(B²) register work and two __syncthreads (argmin, then the pivot column). Blocks beyond
+// the register tile go to the packed-symmetric shared-memory kernels (packed.cu).
 
 #include "ovit_kernels.h"
+#include "packed.cuh"
 #include "tile.cuh"
 
 namespace ovit {
@@ -241,6 +243,9 @@ cudaError_t launch_obs_prune_order(const T* w, const T* finv, const uint8_t* mas
                                    int nm_n, int nm_m, int64_t* order, T* loss, int32_t* bad, cudaStream_t stream) {
   if (nb == 0) return cudaSuccess;
   if (B < 1 || B > max_block_size(sizeof(T) == 8) || steps > B) return cudaErrorInvalidValue;
+  if (B > (sizeof(T) == 8 ? kRegMaxFp64 : kRegMaxFp32))
+    return launch_eliminate_packed<T, false>(w, finv, mask, nullptr, nullptr, nb, B, steps, nm_n, nm_m, order, loss,
+                                             nullptr, nullptr, bad, stream);
   OVIT_DISPATCH_C(B, sizeof(T) == 8, {
     eliminate_kernel<T, C, false><<<(unsigned)nb, threads_for(B), 0, stream>>>(
         w, finv, mask, nullptr, nullptr, B, steps, nm_n, nm_m, order, loss, nullptr, nullptr, bad);
@@ -254,6 +259,9 @@ cudaError_t launch_obs_reconstruct(const T* w, const T* finv, const int64_t* ord
                                    cudaStream_t stream) {
   if (nb == 0) return cudaSuccess;
   if (B < 1 || B > max_block_size(sizeof(T) == 8) || steps > B) return cudaErrorInvalidValue;
+  if (B > (sizeof(T) == 8 ? kRegMaxFp64 : kRegMaxFp32))
+    return launch_eliminate_packed<T, true>(w, finv, nullptr, order, counts, nb, B, steps, 0, 0, nullptr, nullptr,
+                                            w_out, pruned, bad, stream);
   OVIT_DISPATCH_C(B, sizeof(T) == 8, {
     eliminate_kernel<T, C, true><<<(unsigned)nb, threads_for(B), 0, stream>>>(
         w, finv, nullptr, order, counts, B, steps, 0, 0, nullptr, nullptr, w_out, pruned, bad);
@@ -266,6 +274,7 @@ cudaError_t launch_damped_inverse(const double* gram, int64_t nb, int B, double 
                                   T* out, int32_t* ok, cudaStream_t stream) {
   if (nb == 0) return cudaSuccess;
   if (B < 1 || B > max_block_size(true)) return cudaErrorInvalidValue;
+  if (B > kRegMaxFp64) return launch_damped_inverse_packed<T>(gram, nb, B, inv_m, damp, relative, out, ok, stream);
   OVIT_DISPATCH_C(B, true, {
     damped_inverse_kernel<T, C><<<(unsigned)nb, threads_for(B), 0, stream>>>(gram, B, inv_m, damp, relative, out,
                                                                               ok);

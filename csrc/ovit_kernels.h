@@ -8,7 +8,8 @@
 
 namespace ovit {
 
-// Largest block size each kernel family holds on chip (register tile, 4 lanes per row).
+// Largest block size the kernels hold on chip: register tiles (4 lanes per row) up to 192
+// (fp32) / 128 (fp64), packed-symmetric shared memory beyond, up to 256 (fp32) / 192 (fp64).
 int max_block_size(bool fp64);
 
 // finv (nb, B, B) in place; grads (k, N) row-major with N = nb * B; num_grads = m.

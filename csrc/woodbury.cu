@@ -2,9 +2,11 @@
 // One thread block per Fisher block: the block stays in registers while a chunk of k gradients
 // is applied in order, u = H g, H -= u uᵀ / (m + gᵀ u); it is written back once per call.
 // Per gradient and block: 4·B² flops and one __syncthreads; gradients are staged through
-// shared memory KC rows at a time.
+// shared memory kChunk rows at a time. Blocks beyond the register tile (fp32 B > 192, fp64
+// B > 128) go to the packed-symmetric shared-memory kernel (packed.cu).
 
 #include "ovit_kernels.h"
+#include "packed.cuh"
 #include "tile.cuh"
 
 namespace ovit {
@@ -72,13 +74,15 @@ cudaError_t launch_c(T* finv, const G* grads, int64_t nb, int B, int64_t k, int6
 
 }  // namespace
 
-int max_block_size(bool fp64) { return fp64 ? 128 : 192; }
+int max_block_size(bool fp64) { return fp64 ? kPackedMaxFp64 : kPackedMaxFp32; }
 
 template <typename T, typename G>
 cudaError_t launch_woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N,
                                    double num_grads, cudaStream_t stream) {
   if (nb == 0 || k == 0) return cudaSuccess;
   if (B < 1 || B > max_block_size(sizeof(T) == 8)) return cudaErrorInvalidValue;
+  if (B > (sizeof(T) == 8 ? kRegMaxFp64 : kRegMaxFp32))
+    return launch_woodbury_packed<T, G>(finv, grads, nb, B, k, N, num_grads, stream);
   switch (cols_per_lane(B)) {
     case 4: return launch_c<T, G, 4>(finv, grads, nb, B, k, N, num_grads, stream);
     case 8: return launch_c<T, G, 8>(finv, grads, nb, B, k, N, num_grads, stream);

@@ -25,6 +25,17 @@ BACKENDS = [
     ),
 ]
 SHAPES = [(3, 5), (1, 12), (2, 16), (3, 24)]
+# On a GPU the CUDA backend also runs blocks past the register tile (packed shared memory):
+# 150 (fp32 register tile, fp64 packed), 200 and 256 (fp32 packed; fp64 256 falls back).
+BIG = [
+    pytest.param(nb, b, marks=pytest.mark.skipif(not _cuda_ready(), reason="CUDA-only sizes"))
+    for nb, b in [(2, 150), (1, 200), (1, 256)]
+]
+
+
+def skip_unsupported(backend: str, b: int) -> None:
+    if backend == "triton" and b > 128:
+        pytest.skip("Triton tiles hold blocks up to 128")
 
 
 def device_for(backend: str) -> str:
@@ -33,8 +44,9 @@ def device_for(backend: str) -> str:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("nb,b", SHAPES)
+@pytest.mark.parametrize("nb,b", SHAPES + BIG)
 def test_woodbury_update_matches_reference(backend, dtype, nb, b, gen):
+    skip_unsupported(backend, b)
     dev = device_for(backend)
     g = torch.randn(7, nb * b, generator=gen, dtype=torch.float64)
     h0 = torch.eye(b, dtype=torch.float64).repeat(nb, 1, 1) * 10
@@ -47,8 +59,9 @@ def test_woodbury_update_matches_reference(backend, dtype, nb, b, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["woodbury", "gram"])
 @pytest.mark.parametrize("damp_mode", ["absolute", "relative"])
-@pytest.mark.parametrize("nb,b", SHAPES)
+@pytest.mark.parametrize("nb,b", SHAPES + BIG)
 def test_fisher_inverse_matches_reference(backend, method, damp_mode, nb, b, gen):
+    skip_unsupported(backend, b)
     if method == "woodbury" and damp_mode == "relative":
         pytest.skip("relative damping is a Gram-only mode")
     dev = device_for(backend)
@@ -73,9 +86,10 @@ def test_gram_inverse_reports_indefinite_block(backend, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("nb,b", SHAPES)
+@pytest.mark.parametrize("nb,b", SHAPES + BIG)
 @pytest.mark.parametrize("variant", ["plain", "mask", "nm", "nm+mask"])
 def test_prune_order_matches_reference(backend, dtype, nb, b, variant, gen):
+    skip_unsupported(backend, b)
     if "nm" in variant and b % 4:
         pytest.skip("N:M needs m | B")
     dev = device_for(backend)
@@ -92,16 +106,19 @@ def test_prune_order_matches_reference(backend, dtype, nb, b, variant, gen):
     m_d = None if mask is None else mask.to(dev)
     o, loss = ok.obs_prune_order(w_d, h_d, mask=m_d, nm=nm, backend=backend)
     assert o.dtype == torch.int64 and loss.dtype == dtype
-    assert torch.equal(o.cpu(), o_ref)
+    # float32 rounding may reorder near-ties late in a long elimination: compare a prefix there
+    k = o.shape[1] if dtype == torch.float64 or b <= 32 else o.shape[1] // 2
+    assert torch.equal(o.cpu()[:, :k], o_ref[:, :k])
     tol = 1e-10 if dtype == torch.float64 else 2e-4
-    torch.testing.assert_close(loss.double().cpu(), l_ref, rtol=tol, atol=tol * l_ref.abs().max().item())
+    torch.testing.assert_close(loss.double().cpu()[:, :k], l_ref[:, :k], rtol=tol, atol=tol * l_ref.abs().max().item())
     # inputs are untouched
     assert torch.equal(w_d.double().cpu(), w.to(dtype).double())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("nb,b", SHAPES)
+@pytest.mark.parametrize("nb,b", SHAPES + BIG)
 def test_reconstruct_scores_update_match_reference(backend, nb, b, gen):
+    skip_unsupported(backend, b)
     dev = device_for(backend)
     _, h = random_fisher_inverse(nb, b, 3 * b, 0.05, gen)
     w = torch.randn(nb, b, generator=gen, dtype=torch.float64)

@@ -63,8 +63,11 @@ class FisherInverse:
         backend: ``"auto" | "cuda" | "triton" | "reference"``.
         name: a label (e.g. the layer's name) used in error messages.
         check_finite: check every chunk for NaN/Inf (one device sync per chunk).
-
-    Blocks are independent: the state may be sharded over blocks by slicing the flat input.
+        block_range: ``(start, stop)`` to hold only blocks ``start..stop-1`` of the tensor.
+            ``update`` still takes whole (k, N) gradients and keeps its columns
+            ``[start·B, stop·B)``; ``compute`` returns (stop − start, B, B). Blocks are
+            independent, so ranks of a ``torch.distributed`` job can each hold one range and
+            concatenating their results gives the whole inverse.
     """
 
     def __init__(
@@ -81,12 +84,18 @@ class FisherInverse:
         backend: str | None = None,
         name: str | None = None,
         check_finite: bool = True,
+        block_range: tuple[int, int] | None = None,
     ) -> None:
         self.num_params = int(num_params)
         if self.num_params < 1:
             raise ValueError(f"num_params must be positive, got {num_params!r}")
         self.block_size = block_size
-        self.num_blocks = _checks.block_size(self.num_params, block_size)
+        total_blocks = _checks.block_size(self.num_params, block_size)
+        start, stop = (0, total_blocks) if block_range is None else (int(block_range[0]), int(block_range[1]))
+        if not 0 <= start < stop <= total_blocks:
+            raise ValueError(f"block_range must satisfy 0 <= start < stop <= {total_blocks}, got {block_range!r}")
+        self.block_range = (start, stop)
+        self.num_blocks = stop - start
         self.damp = _checks.damp(damp, damp_mode)
         self.damp_mode = damp_mode
         if num_grads is not None and (int(num_grads) != num_grads or num_grads < 1):
@@ -134,6 +143,9 @@ class FisherInverse:
             self._state = self._init_state(dev)
         if chunk.device != self.device:
             raise ValueError(f"chunk is on {chunk.device} but the accumulator lives on {self.device}")
+        start, stop = self.block_range
+        if (start, stop) != (0, self.num_params // self.block_size):
+            chunk = chunk[:, start * self.block_size : stop * self.block_size]
         chunk = chunk.contiguous()
         if self.method == "woodbury":
             _, fn = _backend.implementation("woodbury_update_", self.device, self.backend, self.block_size)

@@ -130,3 +130,21 @@ def test_damping_sweep_never_returns_nan_silently(gen):
         assert torch.isfinite(h32).all()
         if ratio >= 1e-4:
             assert (h32.double().diagonal(dim1=1, dim2=2) / ref - 1).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("method", ["woodbury", "gram"])
+def test_block_ranges_shard_the_inverse(method, gen):
+    """Blocks are independent: accumulators holding disjoint block ranges of the same
+    gradients, concatenated, give the whole inverse (how ranks of a distributed job split it)."""
+    g = torch.randn(9, 7 * 6, generator=gen, dtype=torch.float64)
+    whole = ok.fisher_inverse(g, 6, 1e-2, method=method)
+    parts = []
+    for rng in [(0, 3), (3, 4), (4, 7)]:
+        acc = ok.FisherInverse(42, 6, 1e-2, 9, method=method, dtype=torch.float64, block_range=rng)
+        for c in g.split(4):
+            acc.update(c)
+        parts.append(acc.compute())
+    assert [p.shape[0] for p in parts] == [3, 1, 3]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="block_range"):
+        ok.FisherInverse(42, 6, 1e-2, 9, block_range=(5, 9))

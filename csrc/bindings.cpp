@@ -177,6 +177,38 @@ void damped_inverse(const at::Tensor& gram, double inv_m, double damp, bool rela
   check_cuda_launch(err, "damped_inverse");
 }
 
+void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta, const c10::optional<at::Tensor>& bias,
+             at::Tensor out, bool gelu) {
+  check_tensor(x, "x", 2);
+  check_tensor(vals, "values", 2);
+  check_tensor(meta, "meta", 2);
+  check_tensor(out, "out", 2);
+  const int64_t tokens = x.size(0), K = x.size(1), n_out = vals.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "values must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(K % 32 == 0, "in_features must be a multiple of 32 for the 2:4 kernel, got ", K);
+  TORCH_CHECK(vals.size(1) == K / 2, "values must be (n_out, K/2) = (", n_out, ", ", K / 2, "), got ", vals.sizes());
+  TORCH_CHECK(meta.scalar_type() == at::kShort && meta.size(0) == n_out && meta.size(1) == K / 16,
+              "meta must be int16 (", n_out, ", ", K / 16, "), got ", meta.scalar_type(), " ", meta.sizes());
+  check_out(out, "out", {tokens, n_out}, x.scalar_type(), x);
+  check_same_device(x, vals, "x", "values");
+  check_same_device(x, meta, "x", "meta");
+  const void* bptr = nullptr;
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", 1);
+    TORCH_CHECK(bias->size(0) == n_out && bias->scalar_type() == x.scalar_type(), "bias must be (", n_out,
+                ") of x's dtype");
+    check_same_device(x, *bias, "x", "bias");
+    bptr = bias->data_ptr();
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaError_t err = ovit::launch_spmm_24(x.data_ptr(), vals.data_ptr(), static_cast<const uint16_t*>(meta.data_ptr()),
+                                         bptr, out.data_ptr(), (int)tokens, (int)n_out, (int)K, gelu ? 1 : 0,
+                                         x.scalar_type() == at::kBFloat16 ? 1 : 0, at::cuda::getCurrentCUDAStream());
+  check_cuda_launch(err, "spmm_24");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -191,4 +223,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("finv"), py::arg("order"), py::arg("counts"), py::arg("w_out"), py::arg("pruned"), py::arg("bad"));
   m.def("damped_inverse", &damped_inverse, "(λ'I + G/m)^-1 per block into (out, ok)", py::arg("gram"),
         py::arg("inv_m"), py::arg("damp"), py::arg("relative"), py::arg("out"), py::arg("ok"));
+  m.def("spmm_24", &spmm_24, "2:4 sparse x dense on sparse tensor cores into out", py::arg("x"), py::arg("values"),
+        py::arg("meta"), py::arg("bias"), py::arg("out"), py::arg("gelu"));
 }

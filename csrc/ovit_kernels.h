@@ -38,3 +38,13 @@ cudaError_t launch_damped_inverse(const double* gram, int64_t nb, int B, double 
                                   T* out, int32_t* ok, cudaStream_t stream);
 
 }  // namespace ovit
+
+namespace ovit {
+
+// 2:4 sparse × dense on sparse tensor cores: out (tokens, n_out) = act(x (tokens, K) · Wᵀ + bias).
+// vals (n_out, K/2) and x, bias, out are fp16 (bf16 != 0: bf16); meta (n_out, K/16) uint16 holds
+// the 2-bit in-group positions of the kept values, 8 per word, lowest bits first. K % 32 == 0.
+cudaError_t launch_spmm_24(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
+                           int tokens, int n_out, int K, int gelu_on, int bf16, cudaStream_t stream);
+
+}  // namespace ovit

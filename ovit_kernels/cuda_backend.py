@@ -173,9 +173,24 @@ def obs_reconstruct(
     return w_out.to(w.dtype), pruned == 0, bad.bool()
 
 
+def spmm(x: torch.Tensor, p, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """2:4 on sparse tensor cores (fp16/bf16, in % 32 == 0); other formats run the Triton
+    kernels (or the reference where Triton is missing)."""
+    if p.format == "nm" and p.c.numel() and x.dtype in (torch.float16, torch.bfloat16):
+        out = _alloc.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
+        _C.spmm_24(x, p.a, p.c, bias, out, activation == "gelu")
+        return out
+    try:
+        from . import triton_spmm
+    except ImportError:
+        return reference.spmm(x, p, bias, activation)
+    return triton_spmm.spmm(x, p, bias, activation)
+
+
 _KERNEL_OPS = ("woodbury_update_", "gram_inverse", "obs_prune_order", "obs_reconstruct")
 
 OPS = {
+    "spmm": spmm,
     "woodbury_update_": woodbury_update_,
     "gram_update_": reference.gram_update_,
     "gram_inverse": gram_inverse,

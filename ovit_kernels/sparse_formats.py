@@ -1,7 +1,9 @@
 """Compressed formats of a pruned Linear weight (out_features × in_features), and packing.
 
 * ``"nm"``: N:M semi-structured (e.g. 2:4). ``values`` (out, in·n/m) and ``index`` (out, in·n/m)
-  uint8, the position of each kept entry inside its group of m (ascending).
+  uint8, the position of each kept entry inside its group of m (ascending). For 2:4 with
+  in % 32 == 0, ``meta`` (out, in/16) int16 also holds the positions in the sparse-tensor-core
+  layout (2 bits each, 8 per word, lowest first); otherwise it is empty.
 * ``"bitmap"``: unstructured, compressed. The input dimension is cut into chunks of 32;
   ``bits`` (out, ceil(in/32)) int32 has bit j set when column 32·c + j is kept, ``offsets``
   (out, ceil(in/32)) int32 gives where that chunk's kept values start in ``values`` (nnz,).
@@ -31,7 +33,7 @@ class PackedWeight:
     in_features: int
     a: torch.Tensor  # nm: values  | bitmap: bits    | bsr: values
     b: torch.Tensor  # nm: index   | bitmap: offsets | bsr: col_index
-    c: torch.Tensor  # nm: (unused, empty) | bitmap: values | bsr: row_ptr
+    c: torch.Tensor  # nm: meta (2:4) or empty | bitmap: values | bsr: row_ptr
     n: int = 0
     m: int = 0
     bm: int = 0
@@ -101,22 +103,26 @@ def pack_nm(weight: torch.Tensor, mask: torch.Tensor | None = None, n: int = 2, 
     if bool((groups.sum(-1) > n).any()):
         bad = int((groups.sum(-1) > n).sum())
         raise ValueError(f"the mask is not {n}:{m}: {bad} group(s) keep more than {n} of {m} entries")
-    # kept positions first (ascending), then the lowest pruned positions as explicit zeros
+    # the kept positions, topped up with the lowest pruned ones (explicit zeros), ascending
     pos = torch.arange(m, device=weight.device).expand_as(groups)
     key = torch.where(groups, pos, pos + m)
-    idx = key.sort(dim=-1).values[..., :n] % m
+    idx = (key.sort(dim=-1).values[..., :n] % m).sort(dim=-1).values
     vals = weight.view(out, k // m, m).gather(-1, idx)
     vals = torch.where(groups.gather(-1, idx), vals, torch.zeros_like(vals))
-    return PackedWeight(
-        "nm",
-        out,
-        k,
-        vals.reshape(out, -1).contiguous(),
-        idx.reshape(out, -1).to(torch.uint8).contiguous(),
-        weight.new_empty(0),
-        n=n,
-        m=m,
-    )
+    index = idx.reshape(out, -1).to(torch.uint8).contiguous()
+    if (n, m) == (2, 4) and k % 32 == 0:
+        meta = _tensor_core_meta(index)
+    else:
+        meta = torch.empty(0, dtype=torch.int16, device=weight.device)
+    return PackedWeight("nm", out, k, vals.reshape(out, -1).contiguous(), index, meta, n=n, m=m)
+
+
+def _tensor_core_meta(index: torch.Tensor) -> torch.Tensor:
+    """(out, in/2) 2:4 positions → (out, in/16) int16 words of 8 two-bit positions, lowest first."""
+    out, kc = index.shape
+    shifts = 2 * torch.arange(8, device=index.device, dtype=torch.int32)
+    words = (index.view(out, kc // 8, 8).to(torch.int32) << shifts).sum(-1)
+    return torch.where(words >= 2**15, words - 2**16, words).to(torch.int16).contiguous()
 
 
 def pack_bitmap(weight: torch.Tensor, mask: torch.Tensor | None = None) -> PackedWeight:

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import _alloc
+from ._backend import triton_interpret
 from .sparse_formats import CHUNK, PackedWeight
 
 
@@ -143,6 +144,23 @@ def _spmm_bsr_kernel(
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS, GELU)
 
 
+# On a GPU the N:M / bitmap kernel picks its tile per (M, N, K) by measurement; the
+# interpreter (CPU tests) runs one fixed tile.
+_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [
+        (32, 64, 4, 4),
+        (64, 64, 4, 3),
+        (64, 128, 4, 4),
+        (128, 64, 4, 3),
+        (128, 128, 8, 3),
+        (256, 64, 8, 3),
+    ]
+]
+_AUTOTUNE = not triton_interpret()
+_dense_k = triton.autotune(_CONFIGS, key=["M", "N", "K"])(_spmm_dense_k_kernel) if _AUTOTUNE else _spmm_dense_k_kernel
+
+
 def _tile(v: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(v)))
 
@@ -187,28 +205,10 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, activation
         fmt, kc = 0, 0
     else:
         bk, fmt, kc = CHUNK, 1, p.a.shape[1]
-    grid = (triton.cdiv(m_tok, bm), triton.cdiv(n, bn))
-    _spmm_dense_k_kernel[grid](
-        x,
-        out,
-        bias_t,
-        p.a,
-        p.b,
-        p.c,
-        m_tok,
-        n,
-        k,
-        x.stride(0),
-        out.stride(0),
-        kc,
-        FORMAT=fmt,
-        NM_N=max(p.n, 1),
-        NM_M=max(p.m, 1),
-        HAS_BIAS=bias is not None,
-        GELU=gelu,
-        IEEE=ieee,
-        BM=bm,
-        BN=bn,
-        BK=bk,
-    )
+    args = (x, out, bias_t, p.a, p.b, p.c, m_tok, n, k, x.stride(0), out.stride(0), kc)
+    flags = dict(FORMAT=fmt, NM_N=max(p.n, 1), NM_M=max(p.m, 1), HAS_BIAS=bias is not None, GELU=gelu, IEEE=ieee, BK=bk)
+    if _AUTOTUNE:
+        _dense_k[lambda meta: (triton.cdiv(m_tok, meta["BM"]), triton.cdiv(n, meta["BN"]))](*args, **flags)
+    else:
+        _dense_k[(triton.cdiv(m_tok, bm), triton.cdiv(n, bn))](*args, BM=bm, BN=bn, **flags)
     return out

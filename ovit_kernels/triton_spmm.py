@@ -31,6 +31,14 @@ def _gelu(x):
 
 
 @triton.jit
+def _dot_wt(acc, x, w, IEEE: tl.constexpr):
+    """acc + x @ wᵀ; fp32 inputs use exact fp32 products (no TF32)."""
+    if IEEE:
+        return acc + tl.dot(x, tl.trans(w), input_precision="ieee")
+    return acc + tl.dot(x, tl.trans(w))
+
+
+@triton.jit
 def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -96,10 +104,7 @@ def _spmm_dense_k_kernel(
             below = bits & ((tl.full((1, BK), 1, tl.uint32) << bit[None, :]) - 1)
             rank = _popcount32(below).to(tl.int32)
             w = tl.load(c_ptr + start + rank, mask=live & is_set, other=0.0).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc = _dot_wt(acc, x, w, IEEE)
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS, GELU)
 
 
@@ -137,10 +142,7 @@ def _spmm_bsr_kernel(
         rk = col * BLK_N + ck
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0)
         w = tl.load(val_ptr + j * (BLK_M * BLK_N) + tl.arange(0, BLK_M)[:, None] * BLK_N + ck[None, :])
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        acc = _dot_wt(acc, x, w.to(x.dtype), IEEE)
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS, GELU)
 
 

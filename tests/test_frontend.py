@@ -339,3 +339,29 @@ def test_the_pruner_runs_on_the_triton_backend_too():
     assert rep_r.total_pruned == rep_t.total_pruned
     for k in sd_r:
         torch.testing.assert_close(sd_t[k], sd_r[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("method", ["ovit", "woodfisher", "magnitude"])
+def test_nm_with_padded_blocks(method):
+    """N = 4·131 has no divisor in [64, 128]: blocks of 64 with 52 padded entries (whole
+    groups of 4). Every real group still keeps exactly 2 of 4."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 131)
+    x = torch.randn(256, 4)
+    data = [(x[i : i + 16], torch.randn(16, 131)) for i in range(0, 256, 16)]
+    rep = ovit.one_shot_prune(
+        lin,
+        data,
+        method=method,
+        pattern="2:4",
+        layers=[lin],
+        block_size=64,
+        num_grads=16,
+        damp=1e-2,
+        damp_mode="relative",
+        loss_fn=nn.functional.mse_loss,
+        progress=False,
+    )
+    assert rep.layers[0].pad == 52
+    assert rep.total_pruned == 2 * 131
+    assert ((lin.weight != 0).sum(1) == 2).all()

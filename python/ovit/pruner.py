@@ -245,7 +245,10 @@ def one_shot_prune(
         t0 = time.perf_counter()
         for ly in grp:
             wb = ly.blocks(ly.weight.detach().flatten().to(fisher_dtype))
-            pre = (wb == 0) | ly.pad_mask(device)
+            pad = ly.pad_mask(device)
+            # Unstructured: padding is pre-pruned (and excluded from the count later). N:M: padding
+            # fills whole groups of its own, which the greedy empties first at zero loss.
+            pre = (wb == 0) | pad if nm is None else (wb == 0) & ~pad
             order, loss = ok.obs_prune_order(wb, finvs[ly.name].to(device), mask=pre, nm=nm, backend=backend)
             orders[ly.name], losses[ly.name] = order, loss
         _sync(device)

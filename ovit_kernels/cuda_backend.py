@@ -3,7 +3,8 @@
 
 Ops without a dedicated kernel here use device-side PyTorch: the Gram accumulation is a
 batched float64 cuBLAS GEMM (``torch.baddbmm``), ``prune_counts`` a device sort, and the
-cheap per-entry ``obs_scores`` / ``obs_update_independent`` batched element-wise ops.
+cheap per-entry ``obs_scores`` / ``obs_update_independent`` batched element-wise ops; sparse
+products other than 2:4 run the Triton kernels.
 """
 
 from __future__ import annotations
@@ -17,14 +18,8 @@ from ._backend import BackendStatus
 
 try:
     from . import _C  # type: ignore[attr-defined]
-
-    _IMPORT_ERROR = None
-except ImportError as e:  # no compiled extension: the module still imports, status() says why
-    _C = None
-    _IMPORT_ERROR = str(e)
-
-if _C is None:
-    raise ImportError(f"ovit_kernels._C is not built ({_IMPORT_ERROR}); build with OVIT_BUILD_CUDA=1 pip install -e .")
+except ImportError as e:  # the backend selector reports this as the reason cuda is unavailable
+    raise ImportError(f"ovit_kernels._C is not built ({e}); build it with OVIT_BUILD_CUDA=1 pip install -e .") from e
 
 MAX_BLOCK_FP32 = _C.max_block_size(False)
 MAX_BLOCK_FP64 = _C.max_block_size(True)

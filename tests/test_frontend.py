@@ -365,3 +365,30 @@ def test_nm_with_padded_blocks(method):
     assert rep.layers[0].pad == 52
     assert rep.total_pruned == 2 * 131
     assert ((lin.weight != 0).sum(1) == 2).all()
+
+
+def test_conv_layers_regex_and_short_data():
+    """A regex selecting a Conv2d and a Linear; a one-shot iterator that runs out before
+    num_grads (the Gram method uses what it got and says so); re-cut gradient batches."""
+    torch.manual_seed(0)
+    model = TinyViT(dim=32, depth=1, heads=2)
+    names = [n for n, _ in ovit.select_layers(model, r"patch_embed\.proj|mlp\.fc1")]
+    assert names == ["patch_embed.proj", "blocks.0.mlp.fc1"]
+    data = iter(random_data(n_batches=5, batch=8))
+    rep = ovit.one_shot_prune(model, data, 0.5, layers=r"patch_embed\.proj|mlp\.fc1", block_size=16, num_grads=20,
+                              grad_batch_size=4, damp=1e-2, damp_mode="relative", progress=False)
+    assert rep.num_grads == 10  # 5 batches of 8 re-cut into 10 gradients of 4
+    assert any("ran out" in n for n in rep.notes)
+    zero, tot = pruned_fraction(model, names)
+    assert rep.total_pruned == math.floor(0.5 * tot + 0.5) and zero >= rep.total_pruned
+
+
+def test_batches_recut_and_cycle():
+    from ovit.sampling import batches
+
+    data = random_data(n_batches=3, batch=5)
+    it = batches(data, grad_batch_size=4)
+    sizes = [next(it)[0].shape[0] for _ in range(6)]  # a list is iterated again: never runs out
+    assert sizes == [4] * 6
+    with pytest.raises(TypeError, match="pairs"):
+        next(batches([torch.zeros(3)]))

@@ -76,10 +76,15 @@ __device__ void symv(T* P, const T* x, T* y, int B) {
 }
 
 // P -= a bᵀ on the upper triangle (a, b in shared memory; the caller keeps a bᵀ symmetric).
+// Rows flagged in `skip` (other than `pivot`) are left alone: in the elimination a row is
+// zeroed (to rounding) by its own pivot step, and every later update would only add
+// a[i]·b[j] with a[i] = H(i, q) ≈ 0 there, so the work shrinks with the active set.
 template <typename T>
-__device__ void rank_one_packed(T* P, const T* a, const T* b, T scale, int B) {
+__device__ void rank_one_packed(T* P, const T* a, const T* b, T scale, int B, const unsigned char* skip = nullptr,
+                                int pivot = -1) {
   const int lane = threadIdx.x % 32;
   for (int i = threadIdx.x / 32; i < B; i += kWarps) {
+    if (skip != nullptr && skip[i] && i != pivot) continue;
     const T ai = a[i] * scale;
     T* row = P + rowoff(i, B) - i;
     for (int j = i + lane; j < B; j += 32) row[j] -= ai * b[j];
@@ -220,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
       w[j] = elim[j] ? T(0) : w[j] - hq[j] * (wq / hqq);
     }
     if (nm_m > 0 && tid == 0) lost[q / nm_m] += 1;
-    rank_one_packed(s.P, hq, hq, T(1) / hqq, B);
+    rank_one_packed(s.P, hq, hq, T(1) / hqq, B, elim, q);
     __syncthreads();
   }
   if (REPLAY)

@@ -375,8 +375,18 @@ def test_conv_layers_regex_and_short_data():
     names = [n for n, _ in ovit.select_layers(model, r"patch_embed\.proj|mlp\.fc1")]
     assert names == ["patch_embed.proj", "blocks.0.mlp.fc1"]
     data = iter(random_data(n_batches=5, batch=8))
-    rep = ovit.one_shot_prune(model, data, 0.5, layers=r"patch_embed\.proj|mlp\.fc1", block_size=16, num_grads=20,
-                              grad_batch_size=4, damp=1e-2, damp_mode="relative", progress=False)
+    rep = ovit.one_shot_prune(
+        model,
+        data,
+        0.5,
+        layers=r"patch_embed\.proj|mlp\.fc1",
+        block_size=16,
+        num_grads=20,
+        grad_batch_size=4,
+        damp=1e-2,
+        damp_mode="relative",
+        progress=False,
+    )
     assert rep.num_grads == 10  # 5 batches of 8 re-cut into 10 gradients of 4
     assert any("ran out" in n for n in rep.notes)
     zero, tot = pruned_fraction(model, names)

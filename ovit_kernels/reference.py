@@ -12,6 +12,7 @@ import math
 import torch
 
 from ._precision import no_tf32
+from .sparse_formats import PackedWeight, unpack
 
 # ---------------------------------------------------------------------------------------------
 # Fisher inverse (SPEC §2)
@@ -221,10 +222,14 @@ def obs_reconstruct(
     return wd.to(w.dtype), ~pruned, bad
 
 
-def spmm(x, packed, bias, activation):
-    from .sparse import reference_spmm
-
-    return reference_spmm(x, packed, bias, activation)
+def spmm(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """act(x @ Wᵀ + bias): unpack, multiply in fp32, add bias, activation; x's dtype out."""
+    y = x.float() @ unpack(packed).float().T
+    if bias is not None:
+        y = y + bias.float()
+    if activation == "gelu":
+        y = torch.nn.functional.gelu(y)
+    return y.to(x.dtype)
 
 
 OPS = {

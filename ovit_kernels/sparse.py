@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .sparse_formats import FORMATS, PackedWeight, is_nm, pack, unpack
+from .sparse_formats import FORMATS, PackedWeight, is_nm, pack
 
 ACTIVATIONS = (None, "gelu")
 
@@ -62,16 +62,6 @@ def spmm(
     x2 = x.reshape(-1, packed.in_features).contiguous()
     _, fn = _backend.implementation("spmm", x.device, backend)
     return fn(x2, packed, bias, activation).view(*lead, packed.out_features)
-
-
-def reference_spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """The executable spec: unpack, multiply in fp32, add bias, activation."""
-    y = x.float() @ unpack(p).float().T
-    if bias is not None:
-        y = y + bias.float()
-    if activation == "gelu":
-        y = torch.nn.functional.gelu(y)
-    return y.to(x.dtype)
 
 
 # --- the custom op behind SparseLinear ---------------------------------------------------------

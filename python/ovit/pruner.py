@@ -239,20 +239,26 @@ def one_shot_prune(
     orders: dict[str, torch.Tensor] = {}
     losses: dict[str, torch.Tensor] = {}
 
-    def _eliminate(grp: list[PrunableLayer]) -> None:
-        if method != "ovit":
-            return
+    scores: dict[str, torch.Tensor] = {}
+
+    def _while_on_device(grp: list[PrunableLayer]) -> None:
+        """What needs a group's inverses, done while they are on the device: the greedy
+        elimination (ovit) or the OBS saliencies (woodfisher)."""
         t0 = time.perf_counter()
         for ly in grp:
             wb = ly.blocks(ly.weight.detach().flatten().to(fisher_dtype))
+            h = finvs[ly.name].to(device)
+            if method == "woodfisher":
+                scores[ly.name] = ok.obs_scores(wb, h, backend=backend).float()
+                continue
             pad = ly.pad_mask(device)
             # Unstructured: padding is pre-pruned (and excluded from the count later). N:M: padding
             # fills whole groups of its own, which the greedy empties first at zero loss.
             pre = (wb == 0) | pad if nm is None else (wb == 0) & ~pad
-            order, loss = ok.obs_prune_order(wb, finvs[ly.name].to(device), mask=pre, nm=nm, backend=backend)
-            orders[ly.name], losses[ly.name] = order, loss
+            orders[ly.name], losses[ly.name] = ok.obs_prune_order(wb, h, mask=pre, nm=nm, backend=backend)
         _sync(device)
-        times["elimination"] = times.get("elimination", 0.0) + time.perf_counter() - t0
+        key = "elimination" if method == "ovit" else "scores"
+        times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
     taken = 0
     passes = 0
@@ -317,13 +323,13 @@ def one_shot_prune(
                 finvs[ly.name] = accs.pop(ly.name).compute()
             _sync(device)
             times["fisher_inverse"] = times.get("fisher_inverse", 0.0) + time.perf_counter() - t0
-            _eliminate(grp)
+            _while_on_device(grp)
             for ly in grp:
                 finvs[ly.name] = finvs[ly.name].to(store)
                 if fisher_cache is not None:
                     fisher_cache[ly.name] = finvs[ly.name]
         if cached:
-            _eliminate(players)
+            _while_on_device(players)
 
     # --- selection and new weights ---------------------------------------------------------
     t0 = time.perf_counter()
@@ -354,13 +360,7 @@ def one_shot_prune(
     else:
         wbs = {ly.name: ly.blocks(ly.weight.detach().flatten().float()) for ly in players}
         pads = {ly.name: ly.pad_mask(device) for ly in players}
-        if method == "woodfisher":
-            keys = [
-                ok.obs_scores(wbs[ly.name].to(fisher_dtype), finvs[ly.name].to(device), backend=backend).float()
-                for ly in players
-            ]
-        else:
-            keys = [wbs[ly.name].abs() for ly in players]
+        keys = [scores[ly.name] if method == "woodfisher" else wbs[ly.name].abs() for ly in players]
         # already-pruned real weights go first; padding stands outside the count
         keys = [torch.where(wbs[ly.name] == 0, torch.full_like(k, -1.0), k) for ly, k in zip(players, keys)]
         if nm is not None:

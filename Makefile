@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ovit-installed
 # CI and laptops have no GPU: install pure Python (Triton runs under its interpreter in tests).
 BUILD_CUDA ?= 0
 
-.PHONY: demo test lint nvcc-check clean
+.PHONY: demo test lint nvcc-check triton-check clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ nvcc-check:
 	  nvcc -std=c++17 -O3 -Icsrc -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
 	       -Xptxas -warn-spills -c $$f -o /dev/null || exit 1; \
 	done
+
+# Compile every Triton launch configuration for sm_80 and sm_90 (no GPU needed): catches what
+# the interpreter accepts but the GPU compiler rejects, and reports register spills.
+triton-check: $(STAMP)
+	$(BIN)/python bench/triton_compile_check.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info ovit_kernels/_C*.so

@@ -3,8 +3,8 @@
 The CUDA extension ``ovit_kernels._C`` is built when a CUDA-enabled torch and nvcc are present
 (``OVIT_BUILD_CUDA=auto``, the default), always (``OVIT_BUILD_CUDA=1``, failing loudly if it
 cannot) or never (``OVIT_BUILD_CUDA=0``: pure Python, Triton and reference backends only).
-Architectures: ``TORCH_CUDA_ARCH_LIST`` if set, else sm_80 (A100), sm_90 (H100/H200) and sm_90a
-(Hopper-only instructions). Offline on a GPU machine:
+Architectures: ``TORCH_CUDA_ARCH_LIST`` if set, else sm_80 (A100) and sm_90 (H100/H200); no
+kernel uses sm_90a-only instructions. Offline on a GPU machine:
 ``pip install -e . --no-build-isolation --no-deps``.
 """
 
@@ -42,7 +42,7 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0;9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + ["csrc/bindings.cpp"]
     includes = [os.path.join(ROOT, "csrc")]
     # pip-installed CUDA torch keeps cuBLAS/cuSPARSE headers (included by ATen's CUDA context)

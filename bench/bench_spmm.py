@@ -13,7 +13,9 @@ checked against the dense product before it is timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 
 import pytest
@@ -31,6 +33,21 @@ SPARSITIES = [0.5, 0.75, 0.9]
 def time_call(fn, flushed: bool, reps: int = 20) -> float:
     """Median seconds per call over ``reps`` event-timed calls."""
     return timed(fn, reps=reps, warmup=1, flushed=flushed)
+
+
+@contextlib.contextmanager
+def spmm24_variant(name: str | None):
+    """Run the body with OVIT_SPMM24=name (None: leave it as it is)."""
+    old = os.environ.get("OVIT_SPMM24")
+    if name is not None:
+        os.environ["OVIT_SPMM24"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OVIT_SPMM24", None)
+        else:
+            os.environ["OVIT_SPMM24"] = old
 
 
 def make_weight(out: int, inp: int, sparsity: float, kind: str) -> torch.Tensor:
@@ -82,11 +99,16 @@ def measure_case(out: int, inp: int, tokens: int, sparsity: float, kind: str) ->
             calls["torch_bsr"] = lambda: F.linear(x, bsr, bias)
         except Exception as e:  # noqa: BLE001
             row["torch_bsr_error"] = str(e)[:100]
+    # the two 2:4 tensor-core kernels side by side (OVIT_SPMM24 picks one; auto is the default)
+    variants = {f"ovit_nm_{v}": v for v in ("simple", "pipelined")} if kind == "nm" and DEVICE == "cuda" else {}
+    for name in variants:
+        calls[name] = lambda: sl(x)
     for flushed in (False, True):
         tag = "flushed" if flushed else "warm"
         for name, fn in calls.items():
             try:
-                row[f"{name}_{tag}_s"] = time_call(fn, flushed)
+                with spmm24_variant(variants.get(name)):
+                    row[f"{name}_{tag}_s"] = time_call(fn, flushed)
             except Exception as e:  # noqa: BLE001
                 row[f"{name}_error"] = str(e)[:100]
     row["speedup"] = row["dense_flushed_s"] / row[f"ovit_{row['format']}_flushed_s"]

@@ -102,7 +102,6 @@ def _install_recorders() -> dict[str, Recorder]:
         (triton_backend, "_damped_inverse_kernel"),
         (triton_backend, "_scores_kernel"),
         (triton_backend, "_eliminate_kernel"),
-        (triton_spmm, "_spmm_bsr_kernel"),
     ]:
         recs[name] = Recorder(getattr(mod, name))
         _KERNELS[name] = recs[name].fn
@@ -110,6 +109,9 @@ def _install_recorders() -> dict[str, Recorder]:
     recs["_dense_k"] = Recorder(triton_spmm._spmm_dense_k_kernel, configs=triton_spmm._CONFIGS)
     _KERNELS["_spmm_dense_k_kernel"] = triton_spmm._spmm_dense_k_kernel
     triton_spmm._dense_k = recs["_dense_k"]
+    recs["_bsr"] = Recorder(triton_spmm._spmm_bsr_kernel, configs=triton_spmm._BSR_CONFIGS)
+    _KERNELS["_spmm_bsr_kernel"] = triton_spmm._spmm_bsr_kernel
+    triton_spmm._bsr = recs["_bsr"]
     triton_spmm._AUTOTUNE = True
     return recs
 

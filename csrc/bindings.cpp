@@ -178,7 +178,7 @@ void damped_inverse(const at::Tensor& gram, double inv_m, double damp, bool rela
 }
 
 void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta, const c10::optional<at::Tensor>& bias,
-             at::Tensor out, bool gelu) {
+             at::Tensor out, bool gelu, int64_t variant) {
   check_tensor(x, "x", 2);
   check_tensor(vals, "values", 2);
   check_tensor(meta, "meta", 2);
@@ -202,10 +202,15 @@ void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta
     check_same_device(x, *bias, "x", "bias");
     bptr = bias->data_ptr();
   }
+  TORCH_CHECK(variant >= 0 && variant <= 2, "variant must be 0 (auto), 1 (simple) or 2 (pipelined), got ", variant);
+  const auto* mptr = static_cast<const uint16_t*>(meta.data_ptr());
+  TORCH_CHECK(variant != 2 || ovit::spmm_24_pipelined_ok(x.data_ptr(), vals.data_ptr(), mptr, (int)K),
+              "the pipelined 2:4 kernel needs in_features % 64 == 0 (got ", K,
+              "), 16-byte aligned x and values and 8-byte aligned meta");
   c10::cuda::CUDAGuard guard(x.device());
-  cudaError_t err = ovit::launch_spmm_24(x.data_ptr(), vals.data_ptr(), static_cast<const uint16_t*>(meta.data_ptr()),
-                                         bptr, out.data_ptr(), (int)tokens, (int)n_out, (int)K, gelu ? 1 : 0,
-                                         x.scalar_type() == at::kBFloat16 ? 1 : 0, at::cuda::getCurrentCUDAStream());
+  cudaError_t err = ovit::launch_spmm_24(x.data_ptr(), vals.data_ptr(), mptr, bptr, out.data_ptr(), (int)tokens,
+                                         (int)n_out, (int)K, gelu ? 1 : 0, x.scalar_type() == at::kBFloat16 ? 1 : 0,
+                                         (int)variant, at::cuda::getCurrentCUDAStream());
   check_cuda_launch(err, "spmm_24");
 }
 
@@ -224,5 +229,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("damped_inverse", &damped_inverse, "(λ'I + G/m)^-1 per block into (out, ok)", py::arg("gram"),
         py::arg("inv_m"), py::arg("damp"), py::arg("relative"), py::arg("out"), py::arg("ok"));
   m.def("spmm_24", &spmm_24, "2:4 sparse x dense on sparse tensor cores into out", py::arg("x"), py::arg("values"),
-        py::arg("meta"), py::arg("bias"), py::arg("out"), py::arg("gelu"));
+        py::arg("meta"), py::arg("bias"), py::arg("out"), py::arg("gelu"), py::arg("variant") = 0);
 }

@@ -45,7 +45,7 @@ __device__ __forceinline__ int block_argmin(T v, int i, T (*pv)[kMaxWarps], int 
 // REPLAY = false: greedy elimination writing order/loss.
 // REPLAY = true : replay of order[0, counts[blk]) writing w_out and pruned.
 template <typename T, int C, bool REPLAY>
-__global__ void __launch_bounds__(16 * C)
+__global__ void __launch_bounds__(16 * C, 1)
     eliminate_kernel(const T* __restrict__ w_in, const T* __restrict__ finv, const uint8_t* __restrict__ mask,
                      const int64_t* __restrict__ order_in, const int64_t* __restrict__ counts, int B, int steps,
                      int nm_n, int nm_m, int64_t* __restrict__ order_out, T* __restrict__ loss,
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(16 * C)
 
 // out = -(sweep of all pivots of A), A = λ'I + G/m: the Gauss–Jordan inverse, float64 on chip.
 template <typename T, int C>
-__global__ void __launch_bounds__(16 * C) damped_inverse_kernel(const double* __restrict__ gram, int B, double inv_m,
+__global__ void __launch_bounds__(16 * C, 1) damped_inverse_kernel(const double* __restrict__ gram, int B, double inv_m,
                                                                 double damp, int relative, T* __restrict__ out,
                                                                 int32_t* __restrict__ ok) {
   constexpr int W = kLanesPerRow * C;

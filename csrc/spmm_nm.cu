@@ -3,10 +3,19 @@
 // out[t, o] = act(Σ_k x[t, k] W[o, k] + bias[o]) with W 2:4-compressed.
 //
 // The sparse operand of mma.sp is the left one, so each warp computes a 16 (outputs) × 8
-// (tokens) tile of outᵀ = W · xᵀ per instruction. A CTA holds 128 outputs (8 warps × 16) ×
-// 64 tokens (8 n-tiles per warp); the x tile (64 tokens × 32 k) is staged in shared memory
-// per k-step and shared by the 8 warps; W values and metadata are read straight from global
-// memory in the fragment layout. Accumulation in fp32; bias and GELU fused.
+// (tokens) tile of outᵀ = W · xᵀ per instruction. Accumulation in fp32; bias and GELU fused.
+// Two kernels use it:
+//
+// * simple (in_features % 32 == 0, small token counts): a CTA holds 128 outputs (8 warps ×
+//   16) × 64 tokens (8 n-tiles per warp); the x tile (64 tokens × 32 k) is staged in shared
+//   memory per k-step and shared by the 8 warps; W values and metadata are read straight from
+//   global memory in the fragment layout. No pipelining.
+// * pipelined (in_features % 64 == 0, the fast path): a 128 outputs × 128 tokens CTA tile,
+//   64 logical k per stage, three cp.async stages of W values, metadata and x in shared
+//   memory (rows padded by 16 bytes so every ldmatrix phase hits eight distinct bank groups),
+//   fragments loaded with ldmatrix.x4, eight warps of 64 outputs × 32 tokens (16 mma.sp per
+//   32 k), and an epilogue that applies bias and GELU in fp32 and transposes outᵀ through
+//   shared memory into 16-byte row stores.
 //
 // Operand layouts (PTX ISA, "sparse mma metadata 16832 f16/bf16"): the compressed A tile is
 // 16 × 16 halves, thread (g = lane/4, c = lane%4) holds halves (g, 2c..2c+1), (g+8, 2c..),
@@ -149,22 +158,280 @@ __global__ void __launch_bounds__(32 * kWarpsM)
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// Pipelined kernel
+// ------------------------------------------------------------------------------------------
+
+constexpr int kPO = 128;               // outputs per CTA
+constexpr int kPT = 128;               // tokens per CTA
+constexpr int kPK = 64;                // logical k per stage (32 compressed values per row)
+constexpr int kStages = 3;
+constexpr int kPWarpsT = 4;            // warps along tokens; 2 along outputs
+constexpr int kWarpO = 64;             // outputs per warp: 4 m-tiles of 16
+constexpr int kWarpT = kPT / kPWarpsT; // tokens per warp: 4 n-tiles of 8
+constexpr int kMT = kWarpO / 16;
+constexpr int kNTP = kWarpT / 8;
+constexpr int kPThreads = 256;
+// shared-memory rows, in halves, padded by 8 halves (16 B): row strides of 80 B and 144 B put
+// the eight rows of an ldmatrix phase in eight distinct 16-byte bank groups
+constexpr int kWStride = kPK / 2 + 8;
+constexpr int kXStride = kPK + 8;
+constexpr int kMWords = kPK / 16;      // metadata words (uint16) per row per stage
+constexpr int kOStride = kPO + 8;      // epilogue tile row (tokens × outputs)
+constexpr int kStageW = kPO * kWStride;                      // halves
+constexpr int kStageX = kPT * kXStride;                      // halves
+constexpr int kStageM = kPO * kMWords;                       // uint16
+constexpr int kStageBytes = 2 * (kStageW + kStageX + kStageM);
+constexpr int kPipeSmem = kStages * kStageBytes;
+constexpr int kEpiSmem = 2 * kPT * kOStride;
+constexpr int kPSmem = kPipeSmem > kEpiSmem ? kPipeSmem : kEpiSmem;
+static_assert(kStageBytes % 16 == 0 && (2 * kStageW) % 16 == 0 && (2 * kStageX) % 16 == 0, "16-byte stages");
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// cp.async of 16 (or 8) bytes; with ok == false nothing is read and the destination is zeroed
+// (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 8 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+// Per-thread source pointers of the stage loads, at stage 0, and how many of its rows exist.
+// Thread tid moves W chunks (row tid/4 + 64i, chunk tid%4), x chunks (token tid/8 + 32i,
+// chunk tid%8) and, for tid < 128, the 8 metadata bytes of row tid.
+template <typename T>
+struct StageSrc {
+  const T* w;
+  const T* x;
+  const uint16_t* m;
+  int w_rows;  // rows left from this thread's first W row: row i exists when 64i < w_rows
+  int x_rows;  // same for x (32i < x_rows)
+  int64_t w_step, x_step;  // 64 W rows, 32 x rows
+};
+
+template <typename T>
+__device__ __forceinline__ StageSrc<T> stage_src(const T* x, const T* vals, const uint16_t* meta, int o0, int t0,
+                                                 int tokens, int n_out, int K) {
+  const int tid = threadIdx.x;
+  StageSrc<T> s;
+  s.w_rows = n_out - o0 - tid / 4;
+  s.x_rows = tokens - t0 - tid / 8;
+  s.w = vals + (int64_t)(o0 + tid / 4) * (K / 2) + (tid % 4) * 8;
+  s.x = x + (int64_t)(t0 + tid / 8) * K + (tid % 8) * 8;
+  s.m = meta + (int64_t)(o0 + tid) * (K / 16);
+  s.w_step = (int64_t)64 * (K / 2);
+  s.x_step = (int64_t)32 * K;
+  return s;
+}
+
+// Stage kt of W values (128 rows × 32 compressed), metadata (128 rows × 4 words) and x
+// (128 tokens × 64 k) into shared memory. Rows past n_out / tokens are zero-filled (the source
+// address stays valid but nothing is read); their metadata is the valid pattern (0, 1) so the
+// instruction never sees an unordered pair.
+template <typename T>
+__device__ __forceinline__ void load_stage(unsigned char* stage, const StageSrc<T>& src, const T* x, const T* vals,
+                                           int kt) {
+  T* ws = reinterpret_cast<T*>(stage);
+  T* xs = ws + kStageW;
+  uint16_t* ms = reinterpret_cast<uint16_t*>(xs + kStageX);
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < (kPO * 4) / kPThreads; ++i) {
+    const bool ok = 64 * i < src.w_rows;
+    cp_async16(smem_addr(ws + (tid / 4 + 64 * i) * kWStride + (tid % 4) * 8),
+               ok ? src.w + i * src.w_step + kt * (kPK / 2) : vals, ok);
+  }
+#pragma unroll
+  for (int i = 0; i < (kPT * 8) / kPThreads; ++i) {
+    const bool ok = 32 * i < src.x_rows;
+    cp_async16(smem_addr(xs + (tid / 8 + 32 * i) * kXStride + (tid % 8) * 8),
+               ok ? src.x + i * src.x_step + kt * kPK : x, ok);
+  }
+  if (tid < kPO) {
+    if (tid < src.w_rows + tid / 4) {  // row o0 + tid < n_out (w_rows counts from row tid / 4)
+      cp_async8(smem_addr(ms + tid * kMWords), src.m + kt * kMWords, true);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kMWords; ++j) ms[tid * kMWords + j] = 0x4444u;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPThreads, 2)
+    spmm24_pipelined_kernel(const T* __restrict__ x, const T* __restrict__ vals, const uint16_t* __restrict__ meta,
+                            const T* __restrict__ bias, T* __restrict__ out, int tokens, int n_out, int K,
+                            int gelu_on) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, c = lane % 4;
+  const int wo = (warp / kPWarpsT) * kWarpO;  // warp's first output row within the CTA tile
+  const int wt = (warp % kPWarpsT) * kWarpT;  // warp's first token within the CTA tile
+  const int o0 = blockIdx.x * kPO;
+  const int t0 = blockIdx.y * kPT;
+  const int num_kt = K / kPK;
+
+  float acc[kMT][kNTP][4];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i)
+#pragma unroll
+    for (int j = 0; j < kNTP; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+
+  const StageSrc<T> src = stage_src<T>(x, vals, meta, o0, t0, tokens, n_out, K);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_kt) load_stage<T>(smem + s * kStageBytes, src, x, vals, s);
+    cp_async_commit();
+  }
+
+  // per-lane ldmatrix row/column offsets (see the operand layouts at the top of the file)
+  const int a_row = (lane % 8) + ((lane / 8) & 1) * 8;  // matrices: rows 0-7 / 8-15, cols 0-7 / 8-15
+  const int a_col = (lane / 16) * 8;
+  const int b_row = lane % 8;                            // matrices: k 0-7, 8-15, 16-23, 24-31
+  const int b_col = (lane / 8) * 8;
+  const int mhalf = lane & 1;
+
+  for (int kt = 0; kt < num_kt; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage kt landed for every thread; stage kt-1 is free to overwrite
+    const int next = kt + kStages - 1;
+    if (next < num_kt)
+      load_stage<T>(smem + (next % kStages) * kStageBytes, src, x, vals, next);
+    cp_async_commit();
+
+    const unsigned char* stage = smem + (kt % kStages) * kStageBytes;
+    const T* ws = reinterpret_cast<const T*>(stage);
+    const T* xs = ws + kStageW;
+    const uint16_t* ms = reinterpret_cast<const uint16_t*>(xs + kStageX);
+#pragma unroll
+    for (int s = 0; s < kPK / kStepK; ++s) {
+      uint32_t a[kMT][4], e[kMT];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const int r0 = wo + mt * 16;
+        ldmatrix_x4(a[mt], smem_addr(ws + (r0 + a_row) * kWStride + s * 16 + a_col));
+        const uint32_t lo = ms[(r0 + g) * kMWords + 2 * s + mhalf];
+        const uint32_t hi = ms[(r0 + g + 8) * kMWords + 2 * s + mhalf];
+        e[mt] = lo | (hi << 16);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNTP; ++nt) {
+        uint32_t b[4];
+        ldmatrix_x4(b, smem_addr(xs + (wt + nt * 8 + b_row) * kXStride + s * kStepK + b_col));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) MmaSp<T>::run(acc[mt][nt], a[mt], b, e[mt]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers become the epilogue tile
+
+  // outᵀ fragments → tile[token][output] in shared memory, bias and GELU in fp32
+  T* tile = reinterpret_cast<T*>(smem);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int ol = wo + mt * 16 + g + 8 * h;
+      const float bv = (bias != nullptr && o0 + ol < n_out) ? to_f(bias[o0 + ol]) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNTP; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float v = acc[mt][nt][2 * h + j] + bv;
+          if (gelu_on) v = gelu(v);
+          tile[(wt + nt * 8 + 2 * c + j) * kOStride + ol] = from_f<T>(v);
+        }
+    }
+  }
+  __syncthreads();
+  const bool vec = (n_out % 8 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  for (int idx = threadIdx.x; idx < kPT * (kPO / 8); idx += kPThreads) {
+    const int tl = idx / (kPO / 8), ch = idx % (kPO / 8);
+    const int t = t0 + tl, o = o0 + ch * 8;
+    if (t >= tokens || o >= n_out) continue;
+    const T* src = tile + tl * kOStride + ch * 8;
+    T* dst = out + (int64_t)t * n_out + o;
+    if (vec) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int j = 0; j < 8 && o + j < n_out; ++j) dst[j] = src[j];
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_pipelined(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
+                             int tokens, int n_out, int K, int gelu_on, cudaStream_t stream) {
+  cudaError_t err =
+      cudaFuncSetAttribute(spmm24_pipelined_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPSmem);
+  if (err != cudaSuccess) return err;
+  dim3 grid((n_out + kPO - 1) / kPO, (tokens + kPT - 1) / kPT);
+  spmm24_pipelined_kernel<T><<<grid, kPThreads, kPSmem, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(vals), meta, static_cast<const T*>(bias), static_cast<T*>(out),
+      tokens, n_out, K, gelu_on);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_simple(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
+                          int tokens, int n_out, int K, int gelu_on, cudaStream_t stream) {
+  dim3 grid((n_out + kTileO - 1) / kTileO, (tokens + kTileT - 1) / kTileT);
+  spmm24_kernel<T><<<grid, 32 * kWarpsM, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(vals), meta,
+                                                      static_cast<const T*>(bias), static_cast<T*>(out), tokens,
+                                                      n_out, K, gelu_on);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 }  // namespace
 
+bool spmm_24_pipelined_ok(const void* x, const void* vals, const uint16_t* meta, int K) {
+  return K % kPK == 0 && aligned16(x) && aligned16(vals) && reinterpret_cast<uintptr_t>(meta) % 8 == 0;
+}
+
 cudaError_t launch_spmm_24(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
-                           int tokens, int n_out, int K, int gelu_on, int bf16, cudaStream_t stream) {
-  if (K % kStepK != 0 || tokens < 0 || n_out < 0) return cudaErrorInvalidValue;
+                           int tokens, int n_out, int K, int gelu_on, int bf16, int variant, cudaStream_t stream) {
+  if (K % kStepK != 0 || tokens < 0 || n_out < 0 || variant < 0 || variant > 2) return cudaErrorInvalidValue;
   if (tokens == 0 || n_out == 0) return cudaSuccess;
-  dim3 grid((n_out + kTileO - 1) / kTileO, (tokens + kTileT - 1) / kTileT);
+  const bool can_pipe = spmm_24_pipelined_ok(x, vals, meta, K);
+  if (variant == 2 && !can_pipe) return cudaErrorInvalidValue;
+  // auto: the pipelined tile (128 × 128) needs enough tokens to fill the card
+  const bool pipe = variant == 2 || (variant == 0 && can_pipe && tokens >= 2 * kPT);
   if (bf16)
-    spmm24_kernel<__nv_bfloat16><<<grid, 32 * kWarpsM, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(vals), meta,
-        static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out), tokens, n_out, K, gelu_on);
-  else
-    spmm24_kernel<__half><<<grid, 32 * kWarpsM, 0, stream>>>(
-        static_cast<const __half*>(x), static_cast<const __half*>(vals), meta, static_cast<const __half*>(bias),
-        static_cast<__half*>(out), tokens, n_out, K, gelu_on);
-  return cudaGetLastError();
+    return pipe ? launch_pipelined<__nv_bfloat16>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream)
+                : launch_simple<__nv_bfloat16>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
+  return pipe ? launch_pipelined<__half>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream)
+              : launch_simple<__half>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
 }
 
 }  // namespace ovit

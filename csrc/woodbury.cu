@@ -16,7 +16,7 @@ namespace {
 constexpr int kChunk = 16;  // gradients staged in shared memory at once
 
 template <typename T, typename G, int C>
-__global__ void __launch_bounds__(16 * C) woodbury_kernel(T* __restrict__ finv, const G* __restrict__ grads,
+__global__ void __launch_bounds__(16 * C, 1) woodbury_kernel(T* __restrict__ finv, const G* __restrict__ grads,
                                                           int B, int64_t k, int64_t N, T m) {
   constexpr int W = kLanesPerRow * C;
   __shared__ T gs[kChunk][W];

@@ -9,6 +9,7 @@ products other than 2:4 run the Triton kernels.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -168,12 +169,24 @@ def obs_reconstruct(
     return w_out.to(w.dtype), pruned == 0, bad.bool()
 
 
+SPMM24_VARIANTS = {"auto": 0, "simple": 1, "pipelined": 2}
+
+
+def spmm24_variant() -> int:
+    """Which 2:4 kernel runs: ``OVIT_SPMM24`` = ``auto`` (default: the pipelined kernel when
+    in_features % 64 == 0 and there are at least 256 tokens), ``simple`` or ``pipelined``."""
+    name = os.environ.get("OVIT_SPMM24", "auto")
+    if name not in SPMM24_VARIANTS:
+        raise ValueError(f"OVIT_SPMM24 must be one of {sorted(SPMM24_VARIANTS)}, got {name!r}")
+    return SPMM24_VARIANTS[name]
+
+
 def spmm(x: torch.Tensor, p, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     """2:4 on sparse tensor cores (fp16/bf16, in % 32 == 0); other formats run the Triton
     kernels (or the reference where Triton is missing)."""
     if p.format == "nm" and p.c.numel() and x.dtype in (torch.float16, torch.bfloat16):
         out = _alloc.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
-        _C.spmm_24(x, p.a, p.c, bias, out, activation == "gelu")
+        _C.spmm_24(x, p.a, p.c, bias, out, activation == "gelu", spmm24_variant())
         return out
     try:
         from . import triton_spmm

@@ -97,15 +97,17 @@ def _spmm_dense_k_kernel(
                 ix = tl.load(b_ptr + off, mask=live, other=255)
                 w = tl.where(ix == pos[None, :], v.to(x.dtype), w)
         else:
-            ch = rk // 32
-            bit = (rk % 32).to(tl.uint32)
-            cell = rn[:, None] * kc + ch[None, :]
-            bits = tl.load(a_ptr + cell, mask=live, other=0).to(tl.uint32, bitcast=True)
-            start = tl.load(b_ptr + cell, mask=live, other=0)
-            is_set = ((bits >> bit[None, :]) & 1) != 0
-            below = bits & ((tl.full((1, BK), 1, tl.uint32) << bit[None, :]) - 1)
+            # BK == CHUNK: one bitmap word and one offset per output row for this k-step,
+            # broadcast over the 32 columns of the chunk
+            row_ok = rn < N
+            cell = rn * kc + k0 // 32
+            bits = tl.load(a_ptr + cell, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+            start = tl.load(b_ptr + cell, mask=row_ok, other=0)
+            bit = tl.arange(0, BK).to(tl.uint32)
+            is_set = ((bits[:, None] >> bit[None, :]) & 1) != 0
+            below = bits[:, None] & ((tl.full((1, BK), 1, tl.uint32) << bit[None, :]) - 1)
             rank = _popcount32(below).to(tl.int32)
-            w = tl.load(c_ptr + start + rank, mask=live & is_set, other=0.0).to(x.dtype)
+            w = tl.load(c_ptr + start[:, None] + rank, mask=live & is_set, other=0.0).to(x.dtype)
         acc = _dot_wt(acc, x, w, IEEE)
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS, GELU)
 
@@ -162,8 +164,13 @@ _CONFIGS = [
         (256, 64, 8, 3),
     ]
 ]
+_BSR_CONFIGS = [
+    triton.Config({"BM": bm}, num_warps=w, num_stages=st)
+    for bm, w, st in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4), (32, 2, 4)]
+]
 _AUTOTUNE = not triton_interpret() and os.environ.get("OVIT_TRITON_AUTOTUNE", "1") != "0"
 _dense_k = triton.autotune(_CONFIGS, key=["M", "N", "K"])(_spmm_dense_k_kernel) if _AUTOTUNE else _spmm_dense_k_kernel
+_bsr = triton.autotune(_BSR_CONFIGS, key=["M", "N", "K"])(_spmm_bsr_kernel) if _AUTOTUNE else _spmm_bsr_kernel
 
 
 def _tile(v: int, lo: int = 16, hi: int = 64) -> int:
@@ -182,26 +189,12 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, activation
     if p.format == "bsr":
         if p.bm < 16 or p.bn < 16 or p.bm & (p.bm - 1) or p.bn & (p.bn - 1):
             raise ValueError(f"the triton BSR kernel needs power-of-two blocks >= 16, got ({p.bm}, {p.bn})")
-        grid = (triton.cdiv(m_tok, bm), n // p.bm)
-        _spmm_bsr_kernel[grid](
-            x,
-            out,
-            bias_t,
-            p.a,
-            p.b,
-            p.c,
-            m_tok,
-            n,
-            k,
-            x.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            GELU=gelu,
-            IEEE=ieee,
-            BM=bm,
-            BLK_M=p.bm,
-            BLK_N=p.bn,
-        )
+        bsr_args = (x, out, bias_t, p.a, p.b, p.c, m_tok, n, k, x.stride(0), out.stride(0))
+        bsr_flags = dict(HAS_BIAS=bias is not None, GELU=gelu, IEEE=ieee, BLK_M=p.bm, BLK_N=p.bn)
+        if _AUTOTUNE:
+            _bsr[lambda meta: (triton.cdiv(m_tok, meta["BM"]), n // p.bm)](*bsr_args, **bsr_flags)
+        else:
+            _bsr[(triton.cdiv(m_tok, bm), n // p.bm)](*bsr_args, BM=bm, **bsr_flags)
         return out
     bn = _tile(n)
     if p.format == "nm":

@@ -97,6 +97,41 @@ def test_spmm_equals_dense_product(backend, dtype, activation, gen):
         torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol, msg=name)
 
 
+@pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and ovit_kernels._C")
+@pytest.mark.parametrize("variant", ["simple", "pipelined", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "tokens,out,inp",
+    [(1, 24, 64), (130, 200, 192), (300, 100, 128), (257, 136, 96)],  # partial tiles, out % 8 != 0, in % 64 != 0
+)
+def test_spmm24_kernels_equal_dense_product(variant, dtype, tokens, out, inp, monkeypatch, gen):
+    """Both 2:4 tensor-core kernels, at sizes that leave partial tiles on every side."""
+    if variant == "pipelined" and inp % 64:
+        pytest.skip("the pipelined kernel needs in_features % 64 == 0")
+    monkeypatch.setenv("OVIT_SPMM24", variant)
+    w = torch.randn(out, inp, generator=gen)
+    mask = nm_mask(w)
+    p = ok.pack_nm(w.to(dtype), mask).to("cuda")
+    dense = torch.where(mask, w.to(dtype), 0).float()
+    x = torch.randn(tokens, inp, generator=gen).to(dtype)
+    bias = torch.randn(out, generator=gen).to(dtype)
+    for act in (None, "gelu"):
+        want = x.float() @ dense.T + bias.float()
+        if act == "gelu":
+            want = nn.functional.gelu(want)
+        got = ok.spmm(x.cuda(), p, bias.cuda(), act, backend="cuda")
+        tol = 2e-2 if dtype == torch.float16 else 1e-1
+        torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
+    # a contiguous view that starts 2 bytes into its storage: auto falls back, pipelined refuses
+    xs = torch.randn(tokens * inp + 1, generator=gen).to(dtype).cuda()[1:].view(tokens, inp)
+    if variant == "pipelined":
+        with pytest.raises(RuntimeError, match="pipelined"):
+            ok.spmm(xs, p, None, None, backend="cuda")
+    else:
+        got = ok.spmm(xs, p, None, None, backend="cuda")
+        torch.testing.assert_close(got.float().cpu(), xs.float().cpu() @ dense.T, rtol=tol, atol=tol)
+
+
 def test_bad_masks_and_inputs_are_refused(gen):
     w = torch.randn(8, 16, generator=gen)
     with pytest.raises(ValueError, match="not 2:4"):

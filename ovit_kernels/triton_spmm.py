@@ -97,17 +97,26 @@ def _spmm_dense_k_kernel(
                 ix = tl.load(b_ptr + off, mask=live, other=255)
                 w = tl.where(ix == pos[None, :], v.to(x.dtype), w)
         else:
-            # BK == CHUNK: one bitmap word and one offset per output row for this k-step,
-            # broadcast over the 32 columns of the chunk
-            row_ok = rn < N
-            cell = rn * kc + k0 // 32
-            bits = tl.load(a_ptr + cell, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
-            start = tl.load(b_ptr + cell, mask=row_ok, other=0)
-            bit = tl.arange(0, BK).to(tl.uint32)
-            is_set = ((bits[:, None] >> bit[None, :]) & 1) != 0
-            below = bits[:, None] & ((tl.full((1, BK), 1, tl.uint32) << bit[None, :]) - 1)
+            # one bitmap word and one offset per (output row, 32-column chunk) of this k-step,
+            # broadcast over the chunk's columns
+            bit = (tl.arange(0, BK) % 32).to(tl.uint32)
+            if BK == 32:
+                row_ok = rn < N
+                cell = rn * kc + k0 // 32
+                bits = tl.load(a_ptr + cell, mask=row_ok, other=0).to(tl.uint32, bitcast=True)[:, None]
+                start = tl.load(b_ptr + cell, mask=row_ok, other=0)[:, None]
+            else:
+                chs = k0 // 32 + tl.arange(0, BK // 32)
+                cell = rn[:, None] * kc + chs[None, :]
+                cmask = (rn[:, None] < N) & (chs[None, :] < kc)
+                words = tl.load(a_ptr + cell, mask=cmask, other=0).to(tl.uint32, bitcast=True)
+                starts = tl.load(b_ptr + cell, mask=cmask, other=0)
+                bits = tl.reshape(tl.broadcast_to(words[:, :, None], (BN, BK // 32, 32)), (BN, BK))
+                start = tl.reshape(tl.broadcast_to(starts[:, :, None], (BN, BK // 32, 32)), (BN, BK))
+            is_set = ((bits >> bit[None, :]) & 1) != 0
+            below = bits & ((tl.full((1, BK), 1, tl.uint32) << bit[None, :]) - 1)
             rank = _popcount32(below).to(tl.int32)
-            w = tl.load(c_ptr + start[:, None] + rank, mask=live & is_set, other=0.0).to(x.dtype)
+            w = tl.load(c_ptr + start + rank, mask=live & is_set, other=0.0).to(x.dtype)
         acc = _dot_wt(acc, x, w, IEEE)
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS, GELU)
 
@@ -154,14 +163,19 @@ def _spmm_bsr_kernel(
 # interpreter (CPU tests) runs one fixed tile, and so does a GPU with OVIT_TRITON_AUTOTUNE=0
 # (correctness runs, where compiling six tiles per variant costs more than it tells).
 _CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
-    for bm, bn, w, st in [
-        (32, 64, 4, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 4),
-        (128, 64, 4, 3),
-        (128, 128, 8, 3),
-        (256, 64, 8, 3),
+    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in [
+        (32, 64, 32, 4, 4),
+        (64, 64, 32, 4, 3),
+        (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 3),
+        (128, 128, 32, 8, 3),
+        (256, 64, 32, 8, 3),
+        # fewer, longer k-steps: more loads in flight per step for the latency-bound small batches
+        (32, 64, 128, 4, 3),
+        (64, 64, 64, 4, 3),
+        (64, 32, 128, 4, 3),
+        (256, 64, 64, 8, 3),
     ]
 ]
 _BSR_CONFIGS = [
@@ -201,12 +215,12 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, activation
         bk = max(16, triton.next_power_of_2(p.m))
         bk = max(bk, 32)
         fmt, kc = 0, 0
-    else:
-        bk, fmt, kc = CHUNK, 1, p.a.shape[1]
+    else:  # a multiple of the 32-column chunk; two chunks per step when there are two
+        bk, fmt, kc = (2 * CHUNK if k > CHUNK else CHUNK), 1, p.a.shape[1]
     args = (x, out, bias_t, p.a, p.b, p.c, m_tok, n, k, x.stride(0), out.stride(0), kc)
-    flags = dict(FORMAT=fmt, NM_N=max(p.n, 1), NM_M=max(p.m, 1), HAS_BIAS=bias is not None, GELU=gelu, IEEE=ieee, BK=bk)
+    flags = dict(FORMAT=fmt, NM_N=max(p.n, 1), NM_M=max(p.m, 1), HAS_BIAS=bias is not None, GELU=gelu, IEEE=ieee)
     if _AUTOTUNE:
         _dense_k[lambda meta: (triton.cdiv(m_tok, meta["BM"]), triton.cdiv(n, meta["BN"]))](*args, **flags)
     else:
-        _dense_k[(triton.cdiv(m_tok, bm), triton.cdiv(n, bn))](*args, BM=bm, BN=bn, **flags)
+        _dense_k[(triton.cdiv(m_tok, bm), triton.cdiv(n, bn))](*args, BM=bm, BN=bn, BK=bk, **flags)
     return out

@@ -29,9 +29,12 @@ def cases(gen, dtype):
     wb = torch.randn(32, 64, generator=gen).to(dtype)
     mb = block_mask(32, 64, 16, 16, 0.5, gen)
     mu = torch.rand(24, 72, generator=gen) < 0.2
+    w1 = torch.randn(16, 32, generator=gen).to(dtype)  # one chunk: the single-chunk k-step
+    m1 = torch.rand(16, 32, generator=gen) < 0.3
     return [
         ("nm", ok.pack_nm(wn, mn), torch.where(mn, wn, 0)),
         ("bitmap", ok.pack_bitmap(w, mu), torch.where(mu, w, 0)),
+        ("bitmap-1chunk", ok.pack_bitmap(w1, m1), torch.where(m1, w1, 0)),
         ("bsr", ok.pack_bsr(wb, mb, (16, 16)), torch.where(mb, wb, 0)),
     ]
 

@@ -171,7 +171,7 @@ def fisher_timings(n_slice: int, rates: dict, quick: bool) -> list[dict]:
     scale_n = N_VITB / n_slice
     for b, m in FISHER_CASES:
         n = n_slice // b * b
-        chunk = 64
+        chunk = 256  # gradients per update: each update moves the whole state once (see FisherInverse)
         gs = torch.randn(chunk, n, device=DEVICE)
         lam = 1e-4
         # baseline: k gradients, scaled to m and to N

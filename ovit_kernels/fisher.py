@@ -121,7 +121,12 @@ class FisherInverse:
         return torch.zeros(nb, b, b, dtype=torch.float64, device=device)
 
     def update(self, chunk: torch.Tensor) -> None:
-        """Add gradients. ``chunk`` is (k, N) or (N,), any floating dtype, on one device."""
+        """Add gradients. ``chunk`` is (k, N) or (N,), any floating dtype, on one device.
+
+        Every call reads and writes the whole state once (N·B·8 bytes for the float64 Gram,
+        N·B·4 for float32 Woodbury), so pass as many gradients per call as memory allows: the
+        Gram update is memory-bound below about k = 128.
+        """
         if self._result is not None:
             raise RuntimeError("compute() was already called; make a new FisherInverse to start again")
         _checks.floating("chunk", chunk)

@@ -402,3 +402,26 @@ def test_batches_recut_and_cycle():
     assert sizes == [4] * 6
     with pytest.raises(TypeError, match="pairs"):
         next(batches([torch.zeros(3)]))
+
+
+def test_gradient_chunking_does_not_change_the_result():
+    """The accumulator update size is a speed knob only: default (auto) and 5-gradient chunks
+    give the same pruned model."""
+    from ovit.pruner import _auto_chunk
+
+    torch.manual_seed(0)
+    base = TinyViT(dim=32, depth=1, heads=2)
+    models = [base, TinyViT(dim=32, depth=1, heads=2)]
+    models[1].load_state_dict(base.state_dict())
+    for mdl, chunk in zip(models, (None, 5)):
+        ovit.one_shot_prune(
+            mdl, random_data(), 0.5, block_size=16, num_grads=12, damp=1e-2, grad_chunk=chunk, progress=False
+        )
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(a == 0, b == 0), name
+    with pytest.raises(ValueError, match="grad_chunk"):
+        ovit.one_shot_prune(TinyViT(dim=32, depth=1, heads=2), random_data(), 0.5, block_size=16, grad_chunk=0)
+    # the default sizes chunks from the block size: B = 192 → 128 (float64 Gram), 64 (float32 Woodbury)
+    fake = type("L", (), {"layout": type("Lay", (), {"block_size": 192})()})()
+    assert _auto_chunk([fake], "gram") == 128 and _auto_chunk([fake], "woodbury") == 64

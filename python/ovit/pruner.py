@@ -96,6 +96,18 @@ def _fisher_bytes(ly: PrunableLayer, fisher_method: str, chunk: int) -> int:
     return square * (acc + 4) + chunk * lay.num_blocks * lay.block_size * 4
 
 
+def _auto_chunk(layers: list[PrunableLayer], fisher_method: str) -> int:
+    """Gradients per accumulator update: every update reads and writes the whole Fisher state
+    once, so larger chunks cut that traffic (the float64 Gram update stays memory-bound below
+    ~128 gradients); the chunk buffers are kept at most a quarter of the state's bytes."""
+    acc = 8 if fisher_method != "woodbury" else 4
+    cap = min((ly.layout.block_size * (acc + 4)) // 16 for ly in layers) if layers else 16
+    chunk = 16
+    while chunk * 2 <= min(cap, 256):
+        chunk *= 2
+    return chunk
+
+
 def _plan_groups(layers: list[PrunableLayer], budget: int, fisher_method: str, chunk: int) -> list[list[PrunableLayer]]:
     groups: list[list[PrunableLayer]] = [[]]
     used = 0
@@ -165,7 +177,7 @@ def one_shot_prune(
     fisher_dtype: torch.dtype = torch.float32,
     amp_dtype: torch.dtype | None = None,
     memory_budget: int | None = None,
-    grad_chunk: int = 16,
+    grad_chunk: int | None = None,
     backend: str | None = None,
     progress: bool = True,
     fisher_cache: dict[str, torch.Tensor] | None = None,
@@ -195,7 +207,9 @@ def one_shot_prune(
         memory_budget: bytes the Fisher inverses may use; beyond it, layers are processed in
             groups, one pass over the data per group (default: 70% of free GPU memory, or half
             of the host memory on CPU).
-        grad_chunk: gradients buffered per layer before each accumulator update.
+        grad_chunk: gradients buffered per layer before each accumulator update (default:
+            16–256, the most whose buffers stay within a quarter of the Fisher state; each
+            update reads and writes the whole state once).
         backend: ovit_kernels backend for every op.
         progress: show a progress bar while sampling.
         fisher_cache: a dict to share Fisher inverses between calls on the same dense model
@@ -264,6 +278,10 @@ def one_shot_prune(
     passes = 0
     if needs_fisher:
         budget = _memory_budget(device, memory_budget)
+        if grad_chunk is None:
+            grad_chunk = max(1, min(_auto_chunk(players, fisher_method), int(num_grads)))
+        elif int(grad_chunk) != grad_chunk or grad_chunk < 1:
+            raise ValueError(f"grad_chunk must be a positive int, got {grad_chunk!r}")
         groups = _plan_groups(players, budget, fisher_method, grad_chunk)
         passes = len(groups)
         store = device if passes == 1 else torch.device("cpu")

@@ -271,7 +271,7 @@ def spmm_timings(quick: bool) -> list[dict]:
     return rows
 
 
-SECTIONS = ("tests", "checks", "fisher", "obs", "spmm")
+SECTIONS = ("tests", "checks", "fisher", "obs", "spmm", "frontend")
 
 
 def main() -> None:
@@ -337,6 +337,30 @@ def main() -> None:
             report["obs"] = obs_timings(n_slice, report["rates"], args.quick)
         elif section == "spmm":
             report["spmm"] = spmm_timings(args.quick)
+            if not args.dry_run:
+                from bench_spmm import end_to_end
+
+                try:
+                    report["spmm_end_to_end"] = end_to_end(64)
+                except Exception as e:  # noqa: BLE001
+                    report["spmm_end_to_end"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                log(f"spmm end to end {report['spmm_end_to_end']}")
+        elif section == "frontend":
+            import torch as _torch
+            from frontend_check import run as frontend_run
+
+            if args.dry_run:  # a two-block DeiT on 32-pixel images, a few gradients, on the CPU
+                kw = dict(img_size=32, depth=2)
+                report["frontend"] = frontend_run(["deit_small_patch16_224"], 4, 2, None, "cpu", **kw)
+            else:
+                report["frontend"] = []
+                for model_name in ("deit_small_patch16_224", "deit_base_patch16_224"):
+                    try:
+                        report["frontend"] += frontend_run([model_name], 256, 128, _torch.bfloat16)
+                    except Exception as e:  # noqa: BLE001
+                        err = f"{type(e).__name__}: {str(e)[:200]}"
+                        report["frontend"].append({"model": model_name, "error": err})
+                    save()
         log(f"{section} done")
         save()
     log(f"wrote {path}")

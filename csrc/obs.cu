@@ -4,6 +4,7 @@
 // O(B²) register work and two __syncthreads (argmin, then the pivot column). Blocks beyond
 // the register tile go to the packed-symmetric shared-memory kernels (packed.cu).
 
+#include "launch.cuh"
 #include "ovit_kernels.h"
 #include "packed.cuh"
 #include "tile.cuh"
@@ -247,7 +248,7 @@ cudaError_t launch_obs_prune_order(const T* w, const T* finv, const uint8_t* mas
     return launch_eliminate_packed<T, false>(w, finv, mask, nullptr, nullptr, nb, B, steps, nm_n, nm_m, order, loss,
                                              nullptr, nullptr, bad, stream);
   OVIT_DISPATCH_C(B, sizeof(T) == 8, {
-    eliminate_kernel<T, C, false><<<(unsigned)nb, threads_for(B), 0, stream>>>(
+    OVIT_LAUNCH((unsigned)nb, threads_for(B), 0, stream, eliminate_kernel<T, C, false>)(
         w, finv, mask, nullptr, nullptr, B, steps, nm_n, nm_m, order, loss, nullptr, nullptr, bad);
     return cudaGetLastError();
   })
@@ -263,7 +264,7 @@ cudaError_t launch_obs_reconstruct(const T* w, const T* finv, const int64_t* ord
     return launch_eliminate_packed<T, true>(w, finv, nullptr, order, counts, nb, B, steps, 0, 0, nullptr, nullptr,
                                             w_out, pruned, bad, stream);
   OVIT_DISPATCH_C(B, sizeof(T) == 8, {
-    eliminate_kernel<T, C, true><<<(unsigned)nb, threads_for(B), 0, stream>>>(
+    OVIT_LAUNCH((unsigned)nb, threads_for(B), 0, stream, eliminate_kernel<T, C, true>)(
         w, finv, nullptr, order, counts, B, steps, 0, 0, nullptr, nullptr, w_out, pruned, bad);
     return cudaGetLastError();
   })
@@ -276,7 +277,7 @@ cudaError_t launch_damped_inverse(const double* gram, int64_t nb, int B, double 
   if (B < 1 || B > max_block_size(true)) return cudaErrorInvalidValue;
   if (B > kRegMaxFp64) return launch_damped_inverse_packed<T>(gram, nb, B, inv_m, damp, relative, out, ok, stream);
   OVIT_DISPATCH_C(B, true, {
-    damped_inverse_kernel<T, C><<<(unsigned)nb, threads_for(B), 0, stream>>>(gram, B, inv_m, damp, relative, out,
+    OVIT_LAUNCH((unsigned)nb, threads_for(B), 0, stream, damped_inverse_kernel<T, C>)(gram, B, inv_m, damp, relative, out,
                                                                               ok);
     return cudaGetLastError();
   })

@@ -3,6 +3,7 @@
 // take over where the register tile runs out (fp32 B > 192, fp64 B > 128). Every update
 // here keeps the block symmetric, so the triangle is all that is stored.
 
+#include "launch.cuh"
 #include "ovit_kernels.h"
 #include "packed.cuh"
 #include "tile.cuh"
@@ -105,7 +106,7 @@ __device__ T block_sum(T v, T* part) {
 template <typename T, typename G>
 __global__ void __launch_bounds__(kThreads) woodbury_packed_kernel(T* __restrict__ finv, const G* __restrict__ grads,
                                                                    int B, int64_t k, int64_t N, T m) {
-  extern __shared__ __align__(16) unsigned char raw[];
+  OVIT_DYNAMIC_SMEM(raw);
   Smem<T> s(raw, B);
   const int64_t blk = blockIdx.x;
   T* hb = finv + blk * B * (int64_t)B;
@@ -130,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
                             const int64_t* __restrict__ order_in, const int64_t* __restrict__ counts, int B, int steps,
                             int nm_n, int nm_m, int64_t* __restrict__ order_out, T* __restrict__ loss,
                             T* __restrict__ w_out, uint8_t* __restrict__ pruned, int32_t* __restrict__ bad) {
-  extern __shared__ __align__(16) unsigned char raw[];
+  OVIT_DYNAMIC_SMEM(raw);
   Smem<T> s(raw, B);
   __shared__ int npend_s, q_s;
   __shared__ T sq_s;
@@ -240,7 +241,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) damped_inverse_packed_kernel(const double* __restrict__ gram, int B,
                                                                          double inv_m, double damp, int relative,
                                                                          T* __restrict__ out, int32_t* __restrict__ ok) {
-  extern __shared__ __align__(16) unsigned char raw[];
+  OVIT_DYNAMIC_SMEM(raw);
   Smem<double> s(raw, B);
   const int64_t blk = blockIdx.x;
   const int tid = threadIdx.x;
@@ -306,7 +307,7 @@ cudaError_t launch_woodbury_packed(T* finv, const G* grads, int64_t nb, int B, i
   const size_t smem = packed_smem_bytes<T>(B);
   cudaError_t err = prepare(woodbury_packed_kernel<T, G>, smem);
   if (err != cudaSuccess) return err;
-  woodbury_packed_kernel<T, G><<<(unsigned)nb, kThreads, smem, stream>>>(finv, grads, B, k, N, T(m));
+  OVIT_LAUNCH((unsigned)nb, kThreads, smem, stream, woodbury_packed_kernel<T, G>)(finv, grads, B, k, N, T(m));
   return cudaGetLastError();
 }
 
@@ -318,7 +319,7 @@ cudaError_t launch_eliminate_packed(const T* w, const T* finv, const uint8_t* ma
   const size_t smem = packed_smem_bytes<T>(B);
   cudaError_t err = prepare(eliminate_packed_kernel<T, REPLAY>, smem);
   if (err != cudaSuccess) return err;
-  eliminate_packed_kernel<T, REPLAY><<<(unsigned)nb, kThreads, smem, stream>>>(
+  OVIT_LAUNCH((unsigned)nb, kThreads, smem, stream, eliminate_packed_kernel<T, REPLAY>)(
       w, finv, mask, order_in, counts, B, steps, nm_n, nm_m, order_out, loss, w_out, pruned, bad);
   return cudaGetLastError();
 }
@@ -329,7 +330,7 @@ cudaError_t launch_damped_inverse_packed(const double* gram, int64_t nb, int B, 
   const size_t smem = packed_smem_bytes<double>(B);
   cudaError_t err = prepare(damped_inverse_packed_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  damped_inverse_packed_kernel<T><<<(unsigned)nb, kThreads, smem, stream>>>(gram, B, inv_m, damp, relative, out, ok);
+  OVIT_LAUNCH((unsigned)nb, kThreads, smem, stream, damped_inverse_packed_kernel<T>)(gram, B, inv_m, damp, relative, out, ok);
   return cudaGetLastError();
 }
 

@@ -5,6 +5,7 @@
 // shared memory kChunk rows at a time. Blocks beyond the register tile (fp32 B > 192, fp64
 // B > 128) go to the packed-symmetric shared-memory kernel (packed.cu).
 
+#include "launch.cuh"
 #include "ovit_kernels.h"
 #include "packed.cuh"
 #include "tile.cuh"
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(16 * C, 1) woodbury_kernel(T* __restrict__ fin
 
 template <typename T, typename G, int C>
 cudaError_t launch_c(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N, double m, cudaStream_t s) {
-  woodbury_kernel<T, G, C><<<(unsigned)nb, threads_for(B), 0, s>>>(finv, grads, B, k, N, T(m));
+  OVIT_LAUNCH((unsigned)nb, threads_for(B), 0, s, woodbury_kernel<T, G, C>)(finv, grads, B, k, N, T(m));
   return cudaGetLastError();
 }
 

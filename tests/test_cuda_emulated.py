@@ -1,0 +1,191 @@
+"""The CUDA Fisher/OBS kernels on the CPU, against the float64 reference.
+
+``csrc/woodbury.cu``, ``obs.cu`` and ``packed.cu`` are compiled as host C++ against the SIMT
+emulator in ``tests/emu`` (one OS thread per CUDA thread, real block barriers and warp
+shuffles, shared memory shared by the threads of a block, dynamic shared memory poisoned with
+NaN) and called through ctypes. This checks the kernels' indexing, synchronisation and
+algorithms without a GPU; it is not a GPU run (the compiler, the card and the timings are
+checked by ``bench/gpu_check.py``). The packed shared-memory kernels, which a card runs only
+past the register tile, are called directly at small B. Outputs are poisoned before the
+kernels write them.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import random_fisher_inverse
+
+import ovit_kernels as ok
+from ovit_kernels import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "emu")
+CSRC = os.path.join(ROOT, "csrc")
+SOURCES = [os.path.join(CSRC, f) for f in ("woodbury.cu", "obs.cu", "packed.cu")] + [os.path.join(EMU, "capi.cpp")]
+
+P, I64, I32, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+SIGNATURES = {
+    "woodbury": [P, P, I64, I32, I64, I64, F64, I32],
+    "prune_order": [P, P, P, I64, I32, I32, I32, I32, P, P, P, I32],
+    "reconstruct": [P, P, P, P, I64, I32, I32, P, P, P, I32],
+    "damped_inverse": [P, I64, I32, F64, F64, I32, P, P, I32],
+}
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("needs a C++20 compiler (g++ or clang++)")
+    d = tmp_path_factory.mktemp("emu")
+    probe = d / "probe.cpp"
+    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    if subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(d / "probe")]).returncode:
+        pytest.skip(f"{cxx} has no C++20 <barrier>")
+    lib = d / "libovit_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-fPIC", "-shared", "-I", EMU, "-I", CSRC, "-x", "c++"]
+    r = subprocess.run([*cmd, *SOURCES, "-o", str(lib)], capture_output=True, text=True)
+    assert r.returncode == 0, f"the kernel sources do not compile as host C++:\n{r.stderr[-4000:]}"
+    handle = ctypes.CDLL(str(lib))
+    for name, args in SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(handle, f"emu_{name}_{suffix}")
+            fn.argtypes, fn.restype = args, ctypes.c_int
+    return handle
+
+
+def _fn(lib, name: str, dtype: torch.dtype):
+    return getattr(lib, f"emu_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _poisoned(*shape, dtype):
+    t = torch.empty(*shape, dtype=dtype)
+    if dtype.is_floating_point:
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-7 if dtype != torch.uint8 else 0xAB)
+    return t
+
+
+# (nb, B, packed): register tiles of 4, 8 and 16 columns per lane, and the packed kernels
+CASES = [(3, 5, False), (2, 12, False), (1, 24, False), (2, 40, False), (2, 9, True), (1, 20, True)]
+DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nb,b,packed", CASES)
+def test_woodbury_kernel(emu, dtype, nb, b, packed, gen):
+    k = 7
+    g = torch.randn(k, nb * b, generator=gen, dtype=torch.float64)
+    h0 = torch.eye(b, dtype=torch.float64).repeat(nb, 1, 1) * 10
+    ref = h0.clone()
+    reference.woodbury_update_(ref, g, float(k))
+    h = h0.to(dtype).contiguous()
+    gd = g.to(dtype).contiguous()
+    assert _fn(emu, "woodbury", dtype)(_ptr(h), _ptr(gd), nb, b, k, nb * b, float(k), int(packed)) == 0
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(h.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nb,b,packed", CASES)
+@pytest.mark.parametrize("variant", ["plain", "mask", "nm", "nm+mask"])
+def test_elimination_kernel(emu, dtype, nb, b, packed, variant, gen):
+    if "nm" in variant and b % 4:
+        pytest.skip("N:M needs m | B")
+    _, h = random_fisher_inverse(nb, b, 3 * b, 0.05, gen)
+    w = torch.randn(nb, b, generator=gen, dtype=torch.float64)
+    mask = None
+    if "mask" in variant:
+        mask = torch.zeros(nb, b, dtype=torch.bool)
+        mask[0, b - 1] = True
+        mask[nb - 1, 0] = True
+        mask[0, b // 2] = True
+    nm = (2, 4) if "nm" in variant else None
+    o_ref, l_ref = ok.obs_prune_order(w, h, mask=mask, nm=nm, backend="reference")
+    steps = reference.prune_steps(b, nm)
+    order, loss, bad = (
+        _poisoned(nb, steps, dtype=torch.int64),
+        _poisoned(nb, steps, dtype=dtype),
+        _poisoned(nb, dtype=torch.int32),
+    )
+    wd, hd = w.to(dtype).contiguous(), h.to(dtype).contiguous()
+    m8 = None if mask is None else mask.to(torch.uint8).contiguous()
+    n_, m_ = nm if nm is not None else (0, 0)
+    rc = _fn(emu, "prune_order", dtype)(
+        _ptr(wd), _ptr(hd), _ptr(m8), nb, b, steps, n_, m_, _ptr(order), _ptr(loss), _ptr(bad), int(packed)
+    )
+    assert rc == 0
+    assert not bad.any()
+    assert torch.equal(order, o_ref)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(loss.double(), l_ref, rtol=tol, atol=tol * l_ref.abs().max().item())
+    assert torch.equal(wd.double(), w.to(dtype).double())  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nb,b,packed", CASES)
+def test_reconstruct_kernel(emu, dtype, nb, b, packed, gen):
+    _, h = random_fisher_inverse(nb, b, 3 * b, 0.05, gen)
+    w = torch.randn(nb, b, generator=gen, dtype=torch.float64)
+    order, _ = ok.obs_prune_order(w, h, backend="reference")
+    counts = torch.randint(0, b + 1, (nb,), generator=gen)
+    counts[0] = b  # a block replayed to the end
+    w_ref, keep_ref = ok.obs_reconstruct(w, h, order, counts, backend="reference")
+    w_out, pruned, bad = (
+        _poisoned(nb, b, dtype=dtype),
+        _poisoned(nb, b, dtype=torch.uint8),
+        _poisoned(nb, dtype=torch.int32),
+    )
+    wd, hd = w.to(dtype).contiguous(), h.to(dtype).contiguous()
+    rc = _fn(emu, "reconstruct", dtype)(
+        _ptr(wd), _ptr(hd), _ptr(order), _ptr(counts), nb, b, b, _ptr(w_out), _ptr(pruned), _ptr(bad), int(packed)
+    )
+    assert rc == 0
+    assert not bad.any()
+    assert torch.equal(pruned == 0, keep_ref)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(w_out.double(), w_ref, rtol=tol, atol=tol * w_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nb,b,packed", CASES)
+@pytest.mark.parametrize("relative", [False, True])
+def test_damped_inverse_kernel(emu, dtype, nb, b, packed, relative, gen):
+    g = torch.randn(2 * b + 1, nb * b, generator=gen, dtype=torch.float64)
+    gram = torch.zeros(nb, b, b, dtype=torch.float64)
+    reference.gram_update_(gram, g)
+    if nb > 1:
+        gram[nb - 1] -= 1e3 * torch.eye(b, dtype=torch.float64)  # the last block is indefinite
+    m = float(g.shape[0])
+    mode = "relative" if relative else "absolute"
+    ref, ok_ref = reference.gram_inverse(gram, m, 1e-2, mode, torch.float64)
+    out, okf = _poisoned(nb, b, b, dtype=dtype), _poisoned(nb, dtype=torch.int32)
+    rc = _fn(emu, "damped_inverse", dtype)(
+        _ptr(gram), nb, b, 1.0 / m, 1e-2, int(relative), _ptr(out), _ptr(okf), int(packed)
+    )
+    assert rc == 0
+    assert torch.equal(okf.bool(), ok_ref) and bool(okf[nb - 1]) == (nb == 1)
+    good = ok_ref.nonzero().flatten()
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out[good].double(), ref[good], rtol=tol, atol=tol * ref[good].abs().max().item())
+
+
+def test_bad_launches_are_refused(emu):
+    """Sizes outside what the kernels hold are refused with an error, nothing written."""
+    h = _poisoned(1, 4, 4, dtype=torch.float32)
+    g = torch.zeros(1, 4)
+    assert _fn(emu, "woodbury", torch.float32)(_ptr(h), _ptr(g), 1, 257, 1, 4, 1.0, 0) != 0
+    assert torch.isnan(h).all()

@@ -27,6 +27,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "launch.cuh"
 #include "ovit_kernels.h"
 
 namespace ovit {
@@ -52,6 +53,8 @@ struct MmaSp<__half> {
         "{%0,%1,%2,%3}, %12, 0x0;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+#elif defined(OVIT_EMU)
+    ::emu::mma_sp_16832<__half>(d, a, b, e, [](uint16_t v) { return __half2float(__half{v}); });
 #endif
   }
 };
@@ -66,6 +69,8 @@ struct MmaSp<__nv_bfloat16> {
         "{%0,%1,%2,%3}, %12, 0x0;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+#elif defined(OVIT_EMU)
+    ::emu::mma_sp_16832<__nv_bfloat16>(d, a, b, e, [](uint16_t v) { return __bfloat162float(__nv_bfloat16{v}); });
 #endif
   }
 };
@@ -196,22 +201,30 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+#elif defined(OVIT_EMU)
+  ::emu::cp_async(dst, src, 16, ok ? 16 : 0);
 #endif
 }
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool ok) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 8 : 0));
+#elif defined(OVIT_EMU)
+  ::emu::cp_async(dst, src, 8, ok ? 8 : 0);
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(OVIT_EMU)
+  ::emu::cp_async_commit();
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#elif defined(OVIT_EMU)
+  ::emu::cp_async_wait(N);
 #endif
 }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -219,6 +232,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#elif defined(OVIT_EMU)
+  ::emu::ldmatrix_x4(r, addr);
 #endif
 }
 
@@ -288,7 +303,7 @@ __global__ void __launch_bounds__(kPThreads, 2)
     spmm24_pipelined_kernel(const T* __restrict__ x, const T* __restrict__ vals, const uint16_t* __restrict__ meta,
                             const T* __restrict__ bias, T* __restrict__ out, int tokens, int n_out, int K,
                             int gelu_on) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  OVIT_DYNAMIC_SMEM(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const int wo = (warp / kPWarpsT) * kWarpO;  // warp's first output row within the CTA tile
@@ -395,7 +410,7 @@ cudaError_t launch_pipelined(const void* x, const void* vals, const uint16_t* me
       cudaFuncSetAttribute(spmm24_pipelined_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPSmem);
   if (err != cudaSuccess) return err;
   dim3 grid((n_out + kPO - 1) / kPO, (tokens + kPT - 1) / kPT);
-  spmm24_pipelined_kernel<T><<<grid, kPThreads, kPSmem, stream>>>(
+  OVIT_LAUNCH(grid, kPThreads, kPSmem, stream, spmm24_pipelined_kernel<T>)(
       static_cast<const T*>(x), static_cast<const T*>(vals), meta, static_cast<const T*>(bias), static_cast<T*>(out),
       tokens, n_out, K, gelu_on);
   return cudaGetLastError();
@@ -405,7 +420,7 @@ template <typename T>
 cudaError_t launch_simple(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
                           int tokens, int n_out, int K, int gelu_on, cudaStream_t stream) {
   dim3 grid((n_out + kTileO - 1) / kTileO, (tokens + kTileT - 1) / kTileT);
-  spmm24_kernel<T><<<grid, 32 * kWarpsM, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(vals), meta,
+  OVIT_LAUNCH(grid, 32 * kWarpsM, 0, stream, spmm24_kernel<T>)(static_cast<const T*>(x), static_cast<const T*>(vals), meta,
                                                       static_cast<const T*>(bias), static_cast<T*>(out), tokens,
                                                       n_out, K, gelu_on);
   return cudaGetLastError();

@@ -1,9 +1,10 @@
-"""The CUDA Fisher/OBS kernels on the CPU, against the float64 reference.
+"""The CUDA kernels on the CPU, against the float64 reference and the dense product.
 
-``csrc/woodbury.cu``, ``obs.cu`` and ``packed.cu`` are compiled as host C++ against the SIMT
-emulator in ``tests/emu`` (one OS thread per CUDA thread, real block barriers and warp
-shuffles, shared memory shared by the threads of a block, dynamic shared memory poisoned with
-NaN) and called through ctypes. This checks the kernels' indexing, synchronisation and
+``csrc/woodbury.cu``, ``obs.cu``, ``packed.cu`` and ``spmm_nm.cu`` are compiled as host C++
+against the SIMT emulator in ``tests/emu`` (one OS thread per CUDA thread, real block barriers
+and warp shuffles, shared memory shared by the threads of a block, dynamic shared memory
+poisoned with NaN, and emulated mma.sp / ldmatrix / cp.async for the 2:4 kernels, the latter
+completing only at its wait) and called through ctypes. This checks the kernels' indexing, synchronisation and
 algorithms without a GPU; it is not a GPU run (the compiler, the card and the timings are
 checked by ``bench/gpu_check.py``). The packed shared-memory kernels, which a card runs only
 past the register tile, are called directly at small B. Outputs are poisoned before the
@@ -25,7 +26,8 @@ from ovit_kernels import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "emu")
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = [os.path.join(CSRC, f) for f in ("woodbury.cu", "obs.cu", "packed.cu")] + [os.path.join(EMU, "capi.cpp")]
+KERNELS = ("woodbury.cu", "obs.cu", "packed.cu", "spmm_nm.cu")
+SOURCES = [os.path.join(CSRC, f) for f in KERNELS] + [os.path.join(EMU, "capi.cpp")]
 
 P, I64, I32, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 SIGNATURES = {
@@ -59,6 +61,8 @@ def emu(tmp_path_factory):
         for suffix in ("f32", "f64"):
             fn = getattr(handle, f"emu_{name}_{suffix}")
             fn.argtypes, fn.restype = args, ctypes.c_int
+    handle.emu_spmm24.argtypes = [P, P, P, P, P, I32, I32, I32, I32, I32, I32]
+    handle.emu_spmm24.restype = ctypes.c_int
     return handle
 
 
@@ -189,3 +193,49 @@ def test_bad_launches_are_refused(emu):
     g = torch.zeros(1, 4)
     assert _fn(emu, "woodbury", torch.float32)(_ptr(h), _ptr(g), 1, 257, 1, 4, 1.0, 0) != 0
     assert torch.isnan(h).all()
+
+
+def _nm_mask(w: torch.Tensor) -> torch.Tensor:
+    out, k = w.shape
+    g = w.abs().view(out, k // 4, 4)
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(2, -1).indices, True).view(out, k)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "tokens,out,inp",
+    [(5, 24, 64), (130, 136, 128), (70, 100, 192)],  # partial tiles; out % 8 != 0 last
+)
+def test_spmm24_kernels(emu, variant, dtype, tokens, out, inp, gen):
+    """Both 2:4 kernels (1 = simple, 2 = pipelined) against the dense product of the packed weight."""
+    w = torch.randn(out, inp, generator=gen)
+    mask = _nm_mask(w)
+    mask[1, 4:8] = torch.tensor([False, True, False, False])  # a group keeping one value
+    p = ok.pack_nm(w.to(dtype), mask)
+    dense = torch.where(mask, w.to(dtype), 0).float()
+    x = torch.randn(tokens, inp, generator=gen).to(dtype)
+    bias = torch.randn(out, generator=gen).to(dtype)
+    for gelu in (0, 1):
+        got = _poisoned(tokens, out, dtype=dtype)
+        rc = emu.emu_spmm24(
+            _ptr(x),
+            _ptr(p.a),
+            _ptr(p.c),
+            _ptr(bias),
+            _ptr(got),
+            tokens,
+            out,
+            inp,
+            gelu,
+            int(dtype == torch.bfloat16),
+            variant,
+        )
+        assert rc == 0
+        want = x.float() @ dense.T + bias.float()
+        if gelu:
+            want = torch.nn.functional.gelu(want)
+        tol = 1e-2 if dtype == torch.float16 else 5e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    if variant == 2:  # in_features % 64 != 0 is refused by the pipelined kernel
+        assert emu.emu_spmm24(_ptr(x), _ptr(p.a), _ptr(p.c), None, _ptr(got), tokens, out, inp - 32, 0, 0, 2) != 0

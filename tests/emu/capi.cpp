@@ -44,3 +44,9 @@ using ovit::launch_woodbury_update;
 
 OVIT_EMU_TYPED(float, f32)
 OVIT_EMU_TYPED(double, f64)
+
+// 2:4 sparse x dense; variant 0 = auto, 1 = simple, 2 = pipelined (see launch_spmm_24).
+OVIT_EMU_API int emu_spmm24(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
+                            int tokens, int n_out, int K, int gelu, int bf16, int variant) {
+  return ovit::launch_spmm_24(x, vals, meta, bias, out, tokens, n_out, K, gelu, bf16, variant, nullptr);
+}

@@ -7,9 +7,15 @@
 // threads of the running block) and dynamic shared memory is a per-block buffer filled with
 // 0xFF bytes (NaN) before the block starts. Threads really run concurrently, so a missing
 // barrier shows up as a wrong result (or as a ThreadSanitizer report when built with
-// -fsanitize=thread). Not emulated: inline PTX (the sparse tensor-core kernels), streams,
-// timing. Found first on the include path ahead of the real header, it replaces it.
+// -fsanitize=thread). The few PTX instructions of the 2:4 kernels have emulated versions here
+// (the sources call them under OVIT_EMU instead of their inline assembly): mma.sp m16n8k32
+// with ordered metadata (selector 0), ldmatrix .x4, and cp.async, whose copies are held per
+// thread and done only at cp.async.wait_group — the latest a card may do them, so a read of a
+// stage before its wait sees the poison. Not emulated: streams, timing. Found first on the
+// include path ahead of the real header, it replaces it.
 #pragma once
+
+#define OVIT_EMU 1
 
 #include <array>
 #include <atomic>
@@ -18,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -28,7 +35,7 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
   unsigned x, y, z;
@@ -36,6 +43,9 @@ struct dim3 {
 };
 struct uint3 {
   unsigned x, y, z;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
 };
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
@@ -57,12 +67,24 @@ struct Block {
   std::vector<unsigned char> dyn_smem;
   std::vector<std::array<uint64_t, 32>> xchg;
   std::atomic<int> all{1};
+  struct MmaFragments {
+    uint32_t a[32][4], b[32][4], e[32];
+  };
+  std::vector<MmaFragments> mma = std::vector<MmaFragments>(xchg.size());
+};
+
+struct Copy {
+  unsigned char* dst;
+  const void* src;
+  int bytes, src_bytes;
 };
 
 struct Ctx {
   uint3 tid{0, 0, 0}, bid{0, 0, 0};
   dim3 bdim, gdim;
   Block* blk = nullptr;
+  std::vector<Copy> open_group;             // cp.async issued since the last commit
+  std::deque<std::vector<Copy>> committed;  // committed groups, oldest first
 };
 inline thread_local Ctx ctx;
 
@@ -95,6 +117,8 @@ struct Launcher {
             ctx.bdim = block;
             ctx.gdim = grid;
             ctx.blk = &blk;
+            ctx.open_group.clear();
+            ctx.committed.clear();
             fn(args...);
           });
         for (auto& th : ts) th.join();
@@ -159,3 +183,89 @@ inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
 inline cudaError_t cudaGetLastError() {
   return ::emu::launch_error().exchange(0) ? cudaErrorInvalidValue : cudaSuccess;
 }
+
+// ---- shared-memory addresses and the PTX instructions of the 2:4 kernels -------------------
+
+// A "shared address" is the offset into the block's dynamic shared memory.
+inline uint32_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - ::emu::ctx.blk->dyn_smem.data());
+}
+
+namespace emu {
+
+inline unsigned char* smem_at(uint32_t addr) { return ctx.blk->dyn_smem.data() + addr; }
+
+inline void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
+  ctx.open_group.push_back(Copy{smem_at(dst), src, bytes, src_bytes});
+}
+
+inline void cp_async_commit() {
+  ctx.committed.push_back(std::move(ctx.open_group));
+  ctx.open_group.clear();
+}
+
+inline void cp_async_wait(int newest_pending) {
+  while (static_cast<int>(ctx.committed.size()) > newest_pending) {
+    for (const Copy& c : ctx.committed.front()) {
+      std::memset(c.dst, 0, c.bytes);
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
+    }
+    ctx.committed.pop_front();
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane t gives the row address of matrix t / 8, row
+// t % 8; lane t receives, of every matrix j, the 32 bits at row t / 4, halves 2(t % 4), +1.
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  Block* b = ctx.blk;
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  b->xchg[warp][lane] = addr;
+  b->warp_bars[warp]->arrive_and_wait();
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t row = static_cast<uint32_t>(b->xchg[warp][8 * j + lane / 4]);
+    std::memcpy(&r[j], smem_at(row) + 4 * (lane % 4), 4);
+  }
+  b->warp_bars[warp]->arrive_and_wait();
+}
+
+// mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{f16,bf16}, sparsity selector 0:
+// D (16 × 8) += A (16 × 32, 2:4, given as 16 × 16 kept values + 2-bit positions) · B (32 × 8).
+// Lane (g, c) = (lane / 4, lane % 4) holds A halves (g, 2c..), (g+8, 2c..), (g, 2c+8..),
+// (g+8, 2c+8..); B halves k = 2c + 8i (+1) of column g; D (g, 2c..2c+1), (g+8, 2c..2c+1).
+// Lanes 4g and 4g+1 hold the metadata of rows g (low 16 bits) and g+8 (high 16 bits), for
+// kept values 0-7 and 8-15 of the row, two bits each, lowest first.
+template <class T, class ToFloat>
+void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&bf)[4], uint32_t e, ToFloat to_float) {
+  Block* b = ctx.blk;
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  auto& f = b->mma[warp];
+  for (int i = 0; i < 4; ++i) {
+    f.a[lane][i] = a[i];
+    f.b[lane][i] = bf[i];
+  }
+  f.e[lane] = e;
+  b->warp_bars[warp]->arrive_and_wait();
+  auto half_of = [&](uint32_t word, int which) { return to_float(static_cast<uint16_t>(word >> (16 * which))); };
+  auto a_val = [&](int row, int j) {  // kept value j (0..15) of row (0..15)
+    const int g = row % 8, reg = (row >= 8 ? 1 : 0) + (j >= 8 ? 2 : 0), jj = j % 8;
+    return half_of(f.a[4 * g + jj / 2][reg], jj % 2);
+  };
+  auto a_pos = [&](int row, int j) {
+    const uint32_t word = f.e[4 * (row % 8) + j / 8] >> (row >= 8 ? 16 : 0);
+    return static_cast<int>((word >> (2 * (j % 8))) & 3u);
+  };
+  auto b_val = [&](int k, int n) {  // B[k][n]
+    const int c = (k % 8) / 2, i = k / 8;
+    return half_of(f.b[4 * n + c][i], k % 2);
+  };
+  const int g = lane / 4, c = lane % 4;
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + (q >= 2 ? 8 : 0), col = 2 * c + (q % 2);
+    float acc = d[q];
+    for (int j = 0; j < 16; ++j) acc += a_val(row, j) * b_val(4 * (j / 2) + a_pos(row, j), col);
+    d[q] = acc;
+  }
+  b->warp_bars[warp]->arrive_and_wait();
+}
+
+}  // namespace emu

@@ -1,8 +1,8 @@
 // OBS kernels on the register tile: greedy correlation-aware elimination (order + cumulative
 // loss, nothing else written per step), replay of a prefix (reconstruction), and the damped
-// Gauss–Jordan inverse of the Gram path. One thread block per Fisher block; every step is
-// O(B²) register work and two __syncthreads (argmin, then the pivot column). Blocks beyond
-// the register tile go to the packed-symmetric shared-memory kernels (packed.cu).
+// Gauss–Jordan inverse of the Gram path. One thread block per Fisher block; every elimination
+// step is O(B²) register work and one __syncthreads (see eliminate_kernel). Blocks beyond the
+// register tile go to the packed-symmetric shared-memory kernels (packed.cu).
 
 #include "launch.cuh"
 #include "ovit_kernels.h"
@@ -18,51 +18,40 @@ __device__ __forceinline__ T inf_of() {
   return T(__int_as_float(0x7f800000));
 }
 
-// Block-wide argmin of (v, i) over all threads; every thread gets the result.
-template <typename T>
-__device__ __forceinline__ int block_argmin(T v, int i, T (*pv)[kMaxWarps], int (*pi)[kMaxWarps], int parity,
-                                            T& vmin) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
-  warp_argmin(v, i);
-  if (lane == 0) {
-    pv[parity][warp] = v;
-    pi[parity][warp] = i;
-  }
-  __syncthreads();
-  v = pv[parity][0];
-  i = pi[parity][0];
-  for (int w = 1; w < nwarps; ++w) {
-    T ov = pv[parity][w];
-    int oi = pi[parity][w];
-    if (ov < v || (ov == v && oi < i) || (v != v && ov == ov)) {
-      v = ov;
-      i = oi;
-    }
-  }
-  vmin = v;
-  return i;
-}
-
 // REPLAY = false: greedy elimination writing order/loss.
 // REPLAY = true : replay of order[0, counts[blk]) writing w_out and pruned.
+//
+// One __syncthreads per step. Each warp reduces its own candidate (the argmin of its rows'
+// scores, or, when the step's weight is known — a masked weight or a replayed step — the
+// weight itself), and the four lanes holding the candidate's row publish that row (= its
+// column: H is symmetric) and its weight in the warp's slot before the barrier. After it,
+// every thread reduces the warps' candidates and reads the winner's row from its slot. N:M
+// group counts live in registers (each thread counts its own row's group).
+// fp32 tiles up to C = 32 fit two blocks per SM in registers (≤ 64 per thread at 512 threads).
+template <typename T, int C>
+constexpr int elim_min_blocks() {
+  return sizeof(T) == 4 && C <= 32 ? 2 : 1;
+}
+
 template <typename T, int C, bool REPLAY>
-__global__ void __launch_bounds__(16 * C, 1)
+__global__ void __launch_bounds__(16 * C, elim_min_blocks<T, C>())
     eliminate_kernel(const T* __restrict__ w_in, const T* __restrict__ finv, const uint8_t* __restrict__ mask,
                      const int64_t* __restrict__ order_in, const int64_t* __restrict__ counts, int B, int steps,
                      int nm_n, int nm_m, int64_t* __restrict__ order_out, T* __restrict__ loss,
                      T* __restrict__ w_out, uint8_t* __restrict__ pruned, int32_t* __restrict__ bad) {
   constexpr int W = kLanesPerRow * C;
-  __shared__ T col[2][W];
-  __shared__ T wq_s[2];
-  __shared__ T pv[2][kMaxWarps];
-  __shared__ int pi[2][kMaxWarps];
+  constexpr int kWarps = 16 * C / 32;  // warps of the largest block this C serves
+  __shared__ T slot[2][kWarps][W];
+  __shared__ T slot_w[2][kWarps];
+  __shared__ T pv[2][kWarps];
+  __shared__ int pi[2][kWarps];
   __shared__ int pending[W];
-  __shared__ int lost[W];
   __shared__ int npend_s;
 
   const int tid = threadIdx.x;
   const int r = tid / kLanesPerRow;
   const int p = tid % kLanesPerRow;
+  const int warp = tid / 32, lane = tid % 32, nwarps = blockDim.x / 32;
   const int64_t blk = blockIdx.x;
   const bool row_ok = r < B;
   const bool owns_diag = row_ok && (r % kLanesPerRow) == p;
@@ -72,9 +61,8 @@ __global__ void __launch_bounds__(16 * C, 1)
   load_tile<T, C>(h, finv + blk * B * (int64_t)B, B, r, p);
   T wr = row_ok ? w_in[blk * B + r] : T(0);
   bool elim = !row_ok;
+  int lost_mine = 0;  // weights eliminated so far in this row's N:M group
 
-  for (int i = tid; i < 2 * W; i += blockDim.x) col[i / W][i % W] = T(0);
-  for (int i = tid; i < W; i += blockDim.x) lost[i] = 0;
   if (!REPLAY && tid == 0) {
     int np = 0;
     if (mask != nullptr)
@@ -94,12 +82,12 @@ __global__ void __launch_bounds__(16 * C, 1)
   int flag = 0;
   int parity = 0;
   for (int t = 0; t < nsteps; ++t) {
-    int q;
-    T sq = T(0);
+    const bool known = REPLAY || t < npend;
+    int cand;
     if (REPLAY) {
-      q = (int)order_in[blk * steps + t];
+      cand = (int)order_in[blk * steps + t];
     } else if (t < npend) {
-      q = pending[t];
+      cand = pending[t];
     } else {
       T s = inf_of<T>();
       if (owns_diag && !elim) {
@@ -107,22 +95,48 @@ __global__ void __launch_bounds__(16 * C, 1)
 #pragma unroll
         for (int c = 0; c < C; ++c)
           if (c == cdiag) d = h[c];
-        bool full = nm_m > 0 && lost[r / nm_m] >= nm_m - nm_n;
+        const bool full = nm_m > 0 && lost_mine >= nm_m - nm_n;
         if (!full) s = wr * wr / d;
       }
-      q = block_argmin<T>(s, owns_diag ? r : 0x7fffffff, pv, pi, parity, sq);
+      cand = owns_diag ? r : 0x7fffffff;
+      warp_argmin(s, cand);
+      if (lane == 0) {
+        pv[parity][warp] = s;
+        pi[parity][warp] = cand;
+      }
+    }
+    if (r == cand) {  // the candidate's four lanes publish its row and weight
+#pragma unroll
+      for (int c = 0; c < C; ++c) slot[parity][warp][p + kLanesPerRow * c] = h[c];
+      if (p == 0) slot_w[parity][warp] = wr;
+    }
+    __syncthreads();
+    int q, ww;
+    T sq = T(0);
+    if (known) {
+      q = cand;
+      ww = q / kRowsPerWarp;
+    } else {
+      q = pi[parity][0];
+      sq = pv[parity][0];
+      ww = 0;
+      for (int w2 = 1; w2 < nwarps; ++w2) {
+        const T ov = pv[parity][w2];
+        const int oi = pi[parity][w2];
+        if (ov < sq || (ov == sq && oi < q) || (sq != sq && ov == ov)) {
+          sq = ov;
+          q = oi;
+          ww = w2;
+        }
+      }
     }
     if (q < 0 || q >= B) {  // no candidate left (uniform across the block)
       flag = 1;
       break;
     }
-    publish_column<T, C>(h, col[parity], q, r, p);
-    if (r == q && p == 0) wq_s[parity] = wr;
-    if (nm_m > 0 && tid == 0) lost[q / nm_m] += 1;
-    __syncthreads();
-    const T* hq = col[parity];
+    const T* hq = slot[parity][ww];
     const T hqq = hq[q];
-    const T wq = wq_s[parity];
+    const T wq = slot_w[parity][ww];
     if (!(hqq > T(0)) || sq != sq || sq == inf_of<T>()) flag = 1;
     if (!REPLAY) {
       cum += T(0.5) * sq;
@@ -135,6 +149,7 @@ __global__ void __launch_bounds__(16 * C, 1)
     wr -= hr * (wq / hqq);
     if (r == q) elim = true;
     if (elim) wr = T(0);
+    if (nm_m > 0 && row_ok && q / nm_m == r / nm_m) ++lost_mine;
     const T a = hr / hqq;
     rank_one_sub<T, C>(h, a, hq, p);
     parity ^= 1;

@@ -16,8 +16,14 @@ namespace {
 
 constexpr int kChunk = 16;  // gradients staged in shared memory at once
 
+// fp32 tiles up to C = 32 fit two blocks per SM in registers (≤ 64 per thread at 512 threads).
+template <typename T, int C>
+constexpr int woodbury_min_blocks() {
+  return sizeof(T) == 4 && C <= 32 ? 2 : 1;
+}
+
 template <typename T, typename G, int C>
-__global__ void __launch_bounds__(16 * C, 1) woodbury_kernel(T* __restrict__ finv, const G* __restrict__ grads,
+__global__ void __launch_bounds__(16 * C, woodbury_min_blocks<T, C>()) woodbury_kernel(T* __restrict__ finv, const G* __restrict__ grads,
                                                           int B, int64_t k, int64_t N, T m) {
   constexpr int W = kLanesPerRow * C;
   __shared__ T gs[kChunk][W];

@@ -54,18 +54,21 @@ def peak_bytes(fn) -> int | None:
 
 
 @contextlib.contextmanager
-def spmm24_variant(name: str | None):
-    """Run the body with OVIT_SPMM24=name (None: leave it as it is)."""
-    old = os.environ.get("OVIT_SPMM24")
-    if name is not None:
-        os.environ["OVIT_SPMM24"] = name
+def env_set(setting: tuple[str, str] | None):
+    """Run the body with one environment variable set (None: change nothing)."""
+    if setting is None:
+        yield
+        return
+    key, value = setting
+    old = os.environ.get(key)
+    os.environ[key] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("OVIT_SPMM24", None)
+            os.environ.pop(key, None)
         else:
-            os.environ["OVIT_SPMM24"] = old
+            os.environ[key] = old
 
 
 def make_weight(out: int, inp: int, sparsity: float, kind: str) -> torch.Tensor:
@@ -117,8 +120,13 @@ def measure_case(out: int, inp: int, tokens: int, sparsity: float, kind: str) ->
             calls["torch_bsr"] = lambda: F.linear(x, bsr, bias)
         except Exception as e:  # noqa: BLE001
             row["torch_bsr_error"] = str(e)[:100]
-    # the two 2:4 tensor-core kernels side by side (OVIT_SPMM24 picks one; auto is the default)
-    variants = {f"ovit_nm_{v}": v for v in ("simple", "pipelined")} if kind == "nm" and DEVICE == "cuda" else {}
+    # the kernels behind one format, side by side: the two 2:4 tensor-core kernels, and the CUDA
+    # and Triton bitmap kernels (the plain ovit_<format> entry is what auto picks)
+    variants: dict[str, tuple[str, str]] = {}
+    if DEVICE == "cuda" and kind == "nm":
+        variants = {f"ovit_nm_{v}": ("OVIT_SPMM24", v) for v in ("simple", "pipelined")}
+    if DEVICE == "cuda" and kind == "unstructured":
+        variants = {f"ovit_bitmap_{v}": ("OVIT_SPMM_BITMAP", v) for v in ("cuda", "triton")}
     for name in variants:
         calls[name] = lambda: sl(x)
     methods: set = set()
@@ -126,7 +134,7 @@ def measure_case(out: int, inp: int, tokens: int, sparsity: float, kind: str) ->
         tag = "flushed" if flushed else "warm"
         for name, fn in calls.items():
             try:
-                with spmm24_variant(variants.get(name)):
+                with env_set(variants.get(name)):
                     row[f"{name}_{tag}_s"] = time_call(fn, flushed, methods=methods)
                     if not flushed:
                         row[f"{name}_peak_bytes"] = peak_bytes(fn)

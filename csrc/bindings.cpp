@@ -214,6 +214,50 @@ void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta
   check_cuda_launch(err, "spmm_24");
 }
 
+void spmm_bitmap(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& offsets, const at::Tensor& vals,
+                 const c10::optional<at::Tensor>& bias, at::Tensor out, bool gelu) {
+  check_tensor(x, "x", 2);
+  check_tensor(bits, "bits", 2);
+  check_tensor(offsets, "offsets", 2);
+  check_tensor(vals, "values", 1);
+  check_tensor(out, "out", 2);
+  const int64_t tokens = x.size(0), K = x.size(1), n_out = bits.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16, got ",
+              x.scalar_type());
+  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "values must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(K % 64 == 0, "in_features must be a multiple of 64 for the bitmap kernel, got ", K);
+  TORCH_CHECK(bits.scalar_type() == at::kInt && bits.size(1) == K / 32, "bits must be int32 (", n_out, ", ", K / 32,
+              "), got ", bits.scalar_type(), " ", bits.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.sizes() == bits.sizes(), "offsets must be int32 ",
+              bits.sizes(), ", got ", offsets.scalar_type(), " ", offsets.sizes());
+  check_out(out, "out", {tokens, n_out}, x.scalar_type(), x);
+  check_same_device(x, bits, "x", "bits");
+  check_same_device(x, offsets, "x", "offsets");
+  check_same_device(x, vals, "x", "values");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned for the bitmap kernel");
+  const void* bptr = nullptr;
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", 1);
+    TORCH_CHECK(bias->size(0) == n_out && bias->scalar_type() == x.scalar_type(), "bias must be (", n_out,
+                ") of x's dtype");
+    check_same_device(x, *bias, "x", "bias");
+    bptr = bias->data_ptr();
+  }
+  c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(ovit::spmm_bitmap_tile((int)K) > 0, "a weight tile of in_features = ", K,
+              " does not fit this card's shared memory: use the Triton bitmap kernel");
+  cudaError_t err = ovit::launch_spmm_bitmap(
+      x.data_ptr(), bits.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), vals.data_ptr(), bptr, out.data_ptr(),
+      (int)tokens, (int)n_out, (int)K, gelu ? 1 : 0, x.scalar_type() == at::kBFloat16 ? 1 : 0,
+      at::cuda::getCurrentCUDAStream());
+  check_cuda_launch(err, "spmm_bitmap");
+}
+
+int spmm_bitmap_tile(int64_t K, int64_t device) {
+  c10::cuda::CUDAGuard guard((c10::DeviceIndex)device);
+  return ovit::spmm_bitmap_tile((int)K);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -230,4 +274,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("inv_m"), py::arg("damp"), py::arg("relative"), py::arg("out"), py::arg("ok"));
   m.def("spmm_24", &spmm_24, "2:4 sparse x dense on sparse tensor cores into out", py::arg("x"), py::arg("values"),
         py::arg("meta"), py::arg("bias"), py::arg("out"), py::arg("gelu"), py::arg("variant") = 0);
+  m.def("spmm_bitmap", &spmm_bitmap, "unstructured (bitmap) sparse x dense, weight tile decompressed on chip, into out",
+        py::arg("x"), py::arg("bits"), py::arg("offsets"), py::arg("values"), py::arg("bias"), py::arg("out"),
+        py::arg("gelu"));
+  m.def("spmm_bitmap_tile", &spmm_bitmap_tile, "output rows per CTA of the bitmap kernel for in_features K (0: no fit)",
+        py::arg("K"), py::arg("device"));
 }

@@ -50,4 +50,13 @@ cudaError_t launch_spmm_24(const void* x, const void* vals, const uint16_t* meta
                            int tokens, int n_out, int K, int gelu_on, int bf16, int variant, cudaStream_t stream);
 bool spmm_24_pipelined_ok(const void* x, const void* vals, const uint16_t* meta, int K);
 
+// Unstructured sparse × dense, bitmap format: bits and offsets (n_out, K/32) int32, vals (nnz,),
+// x (tokens, K), bias (n_out) or null, out (tokens, n_out); fp16 (bf16 != 0: bf16). Needs
+// K % 64 == 0 and a 16-byte aligned x. spmm_bitmap_tile(K) is the output tile the kernel uses
+// on the current device (64, 32 or 16), 0 where the weight tile does not fit shared memory.
+int spmm_bitmap_tile(int K);
+cudaError_t launch_spmm_bitmap(const void* x, const int32_t* bits, const int32_t* offsets, const void* vals,
+                               const void* bias, void* out, int tokens, int n_out, int K, int gelu_on, int bf16,
+                               cudaStream_t stream);
+
 }  // namespace ovit

@@ -181,12 +181,33 @@ def spmm24_variant() -> int:
     return SPMM24_VARIANTS[name]
 
 
+def _bitmap_on_cuda(x: torch.Tensor, p) -> bool:
+    """The CUDA bitmap kernel takes the layer (fp16/bf16, in % 64 == 0, an aligned x, a weight
+    tile that fits shared memory) unless ``OVIT_SPMM_BITMAP=triton``."""
+    choice = os.environ.get("OVIT_SPMM_BITMAP", "cuda")
+    if choice not in ("cuda", "triton"):
+        raise ValueError(f"OVIT_SPMM_BITMAP must be 'cuda' or 'triton', got {choice!r}")
+    return (
+        choice == "cuda"
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and p.in_features % 64 == 0
+        and x.data_ptr() % 16 == 0
+        and _C.spmm_bitmap_tile(p.in_features, x.device.index or 0) > 0
+    )
+
+
 def spmm(x: torch.Tensor, p, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """2:4 on sparse tensor cores (fp16/bf16, in % 32 == 0); other formats run the Triton
-    kernels (or the reference where Triton is missing)."""
+    """2:4 on sparse tensor cores (fp16/bf16, in % 32 == 0) and bitmap with the weight tile
+    decompressed into shared memory (fp16/bf16, in % 64 == 0); everything else runs the
+    Triton kernels (or the reference where Triton is missing)."""
     if p.format == "nm" and p.c.numel() and x.dtype in (torch.float16, torch.bfloat16):
         out = _alloc.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
         _C.spmm_24(x, p.a, p.c, bias, out, activation == "gelu", spmm24_variant())
+        return out
+    if p.format == "bitmap" and _bitmap_on_cuda(x, p):
+        out = _alloc.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
+        vals = p.c if p.c.numel() else torch.zeros(1, dtype=x.dtype, device=x.device)
+        _C.spmm_bitmap(x, p.a, p.b, vals, bias, out, activation == "gelu")
         return out
     try:
         from . import triton_spmm

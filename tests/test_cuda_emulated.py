@@ -26,7 +26,7 @@ from ovit_kernels import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "emu")
 CSRC = os.path.join(ROOT, "csrc")
-KERNELS = ("woodbury.cu", "obs.cu", "packed.cu", "spmm_nm.cu")
+KERNELS = ("woodbury.cu", "obs.cu", "packed.cu", "spmm_nm.cu", "spmm_bitmap.cu")
 SOURCES = [os.path.join(CSRC, f) for f in KERNELS] + [os.path.join(EMU, "capi.cpp")]
 
 P, I64, I32, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -63,6 +63,10 @@ def emu(tmp_path_factory):
             fn.argtypes, fn.restype = args, ctypes.c_int
     handle.emu_spmm24.argtypes = [P, P, P, P, P, I32, I32, I32, I32, I32, I32]
     handle.emu_spmm24.restype = ctypes.c_int
+    handle.emu_spmm_bitmap.argtypes = [P, P, P, P, P, P, I32, I32, I32, I32, I32]
+    handle.emu_spmm_bitmap.restype = ctypes.c_int
+    handle.emu_spmm_bitmap_tile.argtypes = [I32]
+    handle.emu_spmm_bitmap_tile.restype = ctypes.c_int
     return handle
 
 
@@ -239,3 +243,49 @@ def test_spmm24_kernels(emu, variant, dtype, tokens, out, inp, gen):
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
     if variant == 2:  # in_features % 64 != 0 is refused by the pipelined kernel
         assert emu.emu_spmm24(_ptr(x), _ptr(p.a), _ptr(p.c), None, _ptr(got), tokens, out, inp - 32, 0, 0, 2) != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "tokens,out,inp,density",
+    # output tiles of 64, 32 and 16 rows (from K), partial token and output tiles, out % 8 != 0,
+    # an empty weight
+    [(5, 24, 64, 0.2), (70, 100, 128, 0.3), (130, 40, 1600, 0.2), (3, 16, 832, 0.5), (9, 8, 64, 0.0)],
+)
+def test_spmm_bitmap_kernel(emu, dtype, tokens, out, inp, density, gen):
+    """The bitmap kernel (weight tile decompressed into shared memory, dense mma) against the
+    dense product of the packed weight."""
+    w = torch.randn(out, inp, generator=gen)
+    mask = torch.rand(out, inp, generator=gen) < density
+    mask[0, :32] = True  # a full chunk
+    if density == 0.0:
+        mask[:] = False
+    p = ok.pack_bitmap(w.to(dtype), mask)
+    dense = torch.where(mask, w.to(dtype), 0).float()
+    x = torch.randn(tokens, inp, generator=gen).to(dtype)
+    bias = torch.randn(out, generator=gen).to(dtype)
+    smem = [2 * (bo * (inp + 8) + 3 * 64 * 72) for bo in (64, 32, 16)]
+    assert emu.emu_spmm_bitmap_tile(inp) == next(bo for bo, b in zip((64, 32, 16), smem) if b <= 128 * 1024)
+    vals = p.c if p.c.numel() else torch.zeros(1, dtype=dtype)
+    for gelu in (0, 1):
+        got = _poisoned(tokens, out, dtype=dtype)
+        rc = emu.emu_spmm_bitmap(
+            _ptr(x),
+            _ptr(p.a),
+            _ptr(p.b),
+            _ptr(vals),
+            _ptr(bias),
+            _ptr(got),
+            tokens,
+            out,
+            inp,
+            gelu,
+            int(dtype == torch.bfloat16),
+        )
+        assert rc == 0
+        want = x.float() @ dense.T + bias.float()
+        if gelu:
+            want = torch.nn.functional.gelu(want)
+        tol = 1e-2 if dtype == torch.float16 else 5e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item() / 10))
+    assert emu.emu_spmm_bitmap_tile(96) == 0  # K % 64 != 0: not this kernel

@@ -135,6 +135,28 @@ def test_spmm24_kernels_equal_dense_product(variant, dtype, tokens, out, inp, mo
         torch.testing.assert_close(got.float().cpu(), xs.float().cpu() @ dense.T, rtol=tol, atol=tol)
 
 
+@pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and ovit_kernels._C")
+@pytest.mark.parametrize("kernel", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens,out,inp", [(1, 24, 64), (197, 100, 768), (70, 40, 1600), (9, 16, 3072)])
+def test_spmm_bitmap_kernels_equal_dense_product(kernel, dtype, tokens, out, inp, monkeypatch, gen):
+    """The CUDA bitmap kernel (output tiles of 64, 32 and 16 rows) and the Triton one."""
+    monkeypatch.setenv("OVIT_SPMM_BITMAP", kernel)
+    w = torch.randn(out, inp, generator=gen)
+    mask = torch.rand(out, inp, generator=gen) < 0.2
+    p = ok.pack_bitmap(w.to(dtype), mask).to("cuda")
+    dense = torch.where(mask, w.to(dtype), 0).float()
+    x = torch.randn(tokens, inp, generator=gen).to(dtype)
+    bias = torch.randn(out, generator=gen).to(dtype)
+    for act in (None, "gelu"):
+        want = x.float() @ dense.T + bias.float()
+        if act == "gelu":
+            want = nn.functional.gelu(want)
+        got = ok.spmm(x.cuda(), p, bias.cuda(), act, backend="cuda")
+        tol = 2e-2 if dtype == torch.float16 else 1e-1
+        torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item() / 10))
+
+
 def test_bad_masks_and_inputs_are_refused(gen):
     w = torch.randn(8, 16, generator=gen)
     with pytest.raises(ValueError, match="not 2:4"):

@@ -50,3 +50,11 @@ OVIT_EMU_API int emu_spmm24(const void* x, const void* vals, const uint16_t* met
                             int tokens, int n_out, int K, int gelu, int bf16, int variant) {
   return ovit::launch_spmm_24(x, vals, meta, bias, out, tokens, n_out, K, gelu, bf16, variant, nullptr);
 }
+
+// Unstructured (bitmap) sparse x dense; returns the launcher's error (0 = success).
+OVIT_EMU_API int emu_spmm_bitmap(const void* x, const int32_t* bits, const int32_t* offsets, const void* vals,
+                                 const void* bias, void* out, int tokens, int n_out, int K, int gelu, int bf16) {
+  return ovit::launch_spmm_bitmap(x, bits, offsets, vals, bias, out, tokens, n_out, K, gelu, bf16, nullptr);
+}
+
+OVIT_EMU_API int emu_spmm_bitmap_tile(int K) { return ovit::spmm_bitmap_tile(K); }

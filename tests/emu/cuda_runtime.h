@@ -169,6 +169,8 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
   return r;
 }
 
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+
 inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
@@ -177,6 +179,16 @@ inline float __int_as_float(int i) {
 
 template <class F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
+  *v = 227 * 1024;  // as an H100
   return cudaSuccess;
 }
 
@@ -224,6 +236,47 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   for (int j = 0; j < 4; ++j) {
     const uint32_t row = static_cast<uint32_t>(b->xchg[warp][8 * j + lane / 4]);
     std::memcpy(&r[j], smem_at(row) + 4 * (lane % 4), 4);
+  }
+  b->warp_bars[warp]->arrive_and_wait();
+}
+
+// ldmatrix .x2: lanes 0-15 give the row addresses of matrices 0 and 1.
+inline void ldmatrix_x2(uint32_t (&r)[2], uint32_t addr) {
+  Block* b = ctx.blk;
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  b->xchg[warp][lane] = addr;
+  b->warp_bars[warp]->arrive_and_wait();
+  for (int j = 0; j < 2; ++j) {
+    const uint32_t row = static_cast<uint32_t>(b->xchg[warp][8 * j + lane / 4]);
+    std::memcpy(&r[j], smem_at(row) + 4 * (lane % 4), 4);
+  }
+  b->warp_bars[warp]->arrive_and_wait();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D (16 × 8) += A (16 × 16) · B (16 × 8).
+// Lane (g, c) holds A halves (g, 2c..), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..), B halves
+// k = 2c (+1) and 2c + 8 (+1) of column g, and D (g, 2c..2c+1), (g+8, 2c..2c+1).
+template <class ToFloat>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&bf)[2], ToFloat to_float) {
+  Block* b = ctx.blk;
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  auto& f = b->mma[warp];
+  for (int i = 0; i < 4; ++i) f.a[lane][i] = a[i];
+  f.b[lane][0] = bf[0];
+  f.b[lane][1] = bf[1];
+  b->warp_bars[warp]->arrive_and_wait();
+  auto half_of = [&](uint32_t word, int which) { return to_float(static_cast<uint16_t>(word >> (16 * which))); };
+  auto a_val = [&](int row, int k) {
+    const int g = row % 8, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), kk = k % 8;
+    return half_of(f.a[4 * g + kk / 2][reg], kk % 2);
+  };
+  auto b_val = [&](int k, int n) { return half_of(f.b[4 * n + (k % 8) / 2][k / 8], k % 2); };
+  const int g = lane / 4, c = lane % 4;
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + (q >= 2 ? 8 : 0), col = 2 * c + (q % 2);
+    float acc = d[q];
+    for (int k = 0; k < 16; ++k) acc += a_val(row, k) * b_val(k, col);
+    d[q] = acc;
   }
   b->warp_bars[warp]->arrive_and_wait();
 }

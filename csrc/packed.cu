@@ -85,7 +85,7 @@ __device__ void rank_one_packed(T* P, const T* a, const T* b, T scale, int B, co
                                 int pivot = -1) {
   const int lane = threadIdx.x % 32;
   for (int i = threadIdx.x / 32; i < B; i += kWarps) {
-    if (skip != nullptr && skip[i] && i != pivot) continue;
+    if (skip != nullptr && i != pivot && skip[i]) continue;  // skip[pivot] is being set meanwhile
     const T ai = a[i] * scale;
     T* row = P + rowoff(i, B) - i;
     for (int j = i + lane; j < B; j += 32) row[j] -= ai * b[j];

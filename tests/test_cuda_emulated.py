@@ -289,3 +289,25 @@ def test_spmm_bitmap_kernel(emu, dtype, tokens, out, inp, density, gen):
         tol = 1e-2 if dtype == torch.float16 else 5e-2
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item() / 10))
     assert emu.emu_spmm_bitmap_tile(96) == 0  # K % 64 != 0: not this kernel
+
+
+@pytest.mark.slow
+def test_no_data_races_under_thread_sanitizer(tmp_path):
+    """Every emulated kernel once under ThreadSanitizer: no shared-memory access unordered by a
+    barrier against another thread's write (tests/emu/race_check.cpp)."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("needs a C++20 compiler (g++ or clang++)")
+    exe = tmp_path / "race_check"
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=thread", "-I", EMU, "-I", CSRC, "-x", "c++"]
+    sources = [os.path.join(CSRC, f) for f in KERNELS] + [os.path.join(EMU, "race_check.cpp")]
+    r = subprocess.run([*cmd, *sources, "-o", str(exe)], capture_output=True, text=True)
+    if r.returncode and "tsan" in r.stderr.lower():
+        pytest.skip("no ThreadSanitizer runtime for this compiler")
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = subprocess.run(
+        [str(exe)], capture_output=True, text=True, env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1")
+    )
+    report = run.stdout + run.stderr
+    assert "ThreadSanitizer" not in report, report[-6000:]
+    assert run.returncode == 0 and "launch status 0" in report, report[-2000:]

@@ -289,10 +289,6 @@ __global__ void __launch_bounds__(kThreads) damped_inverse_packed_kernel(const d
   if (tid == 0) ok[blk] = good;
 }
 
-template <typename Kernel>
-cudaError_t prepare(Kernel kernel, size_t smem) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-}
 
 }  // namespace
 
@@ -305,7 +301,7 @@ template <typename T, typename G>
 cudaError_t launch_woodbury_packed(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N, double m,
                                    cudaStream_t stream) {
   const size_t smem = packed_smem_bytes<T>(B);
-  cudaError_t err = prepare(woodbury_packed_kernel<T, G>, smem);
+  cudaError_t err = set_dynamic_smem<woodbury_packed_kernel<T, G>>(smem);
   if (err != cudaSuccess) return err;
   OVIT_LAUNCH((unsigned)nb, kThreads, smem, stream, woodbury_packed_kernel<T, G>)(finv, grads, B, k, N, T(m));
   return cudaGetLastError();
@@ -317,7 +313,7 @@ cudaError_t launch_eliminate_packed(const T* w, const T* finv, const uint8_t* ma
                                     int64_t* order_out, T* loss, T* w_out, uint8_t* pruned, int32_t* bad,
                                     cudaStream_t stream) {
   const size_t smem = packed_smem_bytes<T>(B);
-  cudaError_t err = prepare(eliminate_packed_kernel<T, REPLAY>, smem);
+  cudaError_t err = set_dynamic_smem<eliminate_packed_kernel<T, REPLAY>>(smem);
   if (err != cudaSuccess) return err;
   OVIT_LAUNCH((unsigned)nb, kThreads, smem, stream, eliminate_packed_kernel<T, REPLAY>)(
       w, finv, mask, order_in, counts, B, steps, nm_n, nm_m, order_out, loss, w_out, pruned, bad);
@@ -328,7 +324,7 @@ template <typename T>
 cudaError_t launch_damped_inverse_packed(const double* gram, int64_t nb, int B, double inv_m, double damp,
                                          int relative, T* out, int32_t* ok, cudaStream_t stream) {
   const size_t smem = packed_smem_bytes<double>(B);
-  cudaError_t err = prepare(damped_inverse_packed_kernel<T>, smem);
+  cudaError_t err = set_dynamic_smem<damped_inverse_packed_kernel<T>>(smem);
   if (err != cudaSuccess) return err;
   OVIT_LAUNCH((unsigned)nb, kThreads, smem, stream, damped_inverse_packed_kernel<T>)(gram, B, inv_m, damp, relative, out, ok);
   return cudaGetLastError();

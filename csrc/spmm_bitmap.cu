@@ -176,8 +176,7 @@ template <typename T, int BO>
 cudaError_t launch_bo(const void* x, const int32_t* bits, const int32_t* offs, const void* vals, const void* bias,
                       void* out, int tokens, int n_out, int K, int gelu_on, cudaStream_t stream) {
   const size_t smem = bitmap_smem_bytes(BO, K);
-  cudaError_t err = cudaFuncSetAttribute(spmm_bitmap_kernel<T, BO>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem);
+  cudaError_t err = set_dynamic_smem<spmm_bitmap_kernel<T, BO>>(smem);
   if (err != cudaSuccess) return err;
   dim3 grid((n_out + BO - 1) / BO, (tokens + kBT - 1) / kBT);
   OVIT_LAUNCH(grid, kBThreads, smem, stream, spmm_bitmap_kernel<T, BO>)(

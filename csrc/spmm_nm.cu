@@ -310,8 +310,7 @@ __global__ void __launch_bounds__(kPThreads, 2)
 template <typename T>
 cudaError_t launch_pipelined(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
                              int tokens, int n_out, int K, int gelu_on, cudaStream_t stream) {
-  cudaError_t err =
-      cudaFuncSetAttribute(spmm24_pipelined_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPSmem);
+  cudaError_t err = set_dynamic_smem<spmm24_pipelined_kernel<T>>(kPSmem);
   if (err != cudaSuccess) return err;
   dim3 grid((n_out + kPO - 1) / kPO, (tokens + kPT - 1) / kPT);
   OVIT_LAUNCH(grid, kPThreads, kPSmem, stream, spmm24_pipelined_kernel<T>)(

@@ -23,6 +23,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -57,6 +59,7 @@ namespace emu {
 struct Block {
   explicit Block(unsigned threads, size_t smem)
       : bar(threads), dyn_smem(smem + 16, 0xFF), xchg((threads + 31) / 32) {
+    if (reinterpret_cast<uintptr_t>(dyn_smem.data()) % 16 != 0) std::abort();  // as a card's 16-byte alignment
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
       unsigned n = threads - 32 * w < 32 ? threads - 32 * w : 32;
       warp_bars.emplace_back(std::make_unique<std::barrier<>>(n));
@@ -207,7 +210,19 @@ namespace emu {
 
 inline unsigned char* smem_at(uint32_t addr) { return ctx.blk->dyn_smem.data() + addr; }
 
+// What a card would fault on (misaligned shared or global addresses of these instructions) is
+// reported on stderr and makes the launch return an error; the emulation itself goes on.
+inline void fault(const char* what, uintptr_t addr) {
+  std::fprintf(stderr, "emulated CUDA fault: %s at address %#zx\n", what, static_cast<size_t>(addr));
+  launch_error() = 2;
+}
+inline void check_aligned(const char* what, uintptr_t addr, unsigned n) {
+  if (addr % n != 0) fault(what, addr);
+}
+
 inline void cp_async(uint32_t dst, const void* src, int bytes, int src_bytes) {
+  check_aligned("cp.async shared destination", dst, bytes);
+  check_aligned("cp.async global source", reinterpret_cast<uintptr_t>(src), bytes);
   ctx.open_group.push_back(Copy{smem_at(dst), src, bytes, src_bytes});
 }
 
@@ -229,6 +244,7 @@ inline void cp_async_wait(int newest_pending) {
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane t gives the row address of matrix t / 8, row
 // t % 8; lane t receives, of every matrix j, the 32 bits at row t / 4, halves 2(t % 4), +1.
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  check_aligned("ldmatrix row address", addr, 16);
   Block* b = ctx.blk;
   const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   b->xchg[warp][lane] = addr;
@@ -242,6 +258,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 
 // ldmatrix .x2: lanes 0-15 give the row addresses of matrices 0 and 1.
 inline void ldmatrix_x2(uint32_t (&r)[2], uint32_t addr) {
+  if (threadIdx.x % 32 < 16) check_aligned("ldmatrix row address", addr, 16);
   Block* b = ctx.blk;
   const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   b->xchg[warp][lane] = addr;

@@ -234,7 +234,9 @@ void spmm_bitmap(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& 
   check_same_device(x, bits, "x", "bits");
   check_same_device(x, offsets, "x", "offsets");
   check_same_device(x, vals, "x", "values");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned for the bitmap kernel");
+  for (const at::Tensor* t : {&x, &bits, &offsets})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                "x, bits and offsets must be 16-byte aligned for the bitmap kernel");
   const void* bptr = nullptr;
   if (bias.has_value()) {
     check_tensor(*bias, "bias", 1);

@@ -84,6 +84,14 @@ __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool ok
   ::emu::cp_async(dst, src, 8, ok ? 8 : 0);
 #endif
 }
+// cp.async of 16 bytes of which the first `src_bytes` (0..16) are read, the rest zeroed.
+__device__ __forceinline__ void cp_async_bytes(uint32_t dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+#elif defined(OVIT_EMU)
+  ::emu::cp_async(dst, src, 16, src_bytes);
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);

@@ -5,12 +5,12 @@
 // bits (n_out, K/32) int32: bit j of word (o, c) is set when W[o, 32c + j] is kept;
 // offsets (n_out, K/32) int32: where that chunk's kept values start in values (nnz,).
 //
-// A CTA computes BO outputs × 64 tokens over the whole K. It first issues the cp.async of the
-// first two x stages, then decompresses its BO × K weight tile into shared memory in one go:
-// every thread owns 32-column chunks (consecutive threads, consecutive chunks of a row) and
-// issues the bitmap, offset and value loads of all of them back to back, so the dependent
-// gathers of the whole tile are in flight together instead of once per k-step. The dense
-// weight exists only in shared memory. Then dense mma.sync m16n8k16 runs over K with x
+// A CTA computes BO outputs × 64 tokens over the whole K. It first stages the bitmap words and
+// offsets of its rows (one contiguous run each) and the first two x stages with cp.async, then
+// decompresses its BO × K weight tile into shared memory in one go: every thread owns 32-column
+// chunks (consecutive threads, consecutive chunks of a row), two at a time, and issues their
+// value gathers back to back — two dependent rounds of memory latency for the whole tile
+// instead of two per k-step. The dense weight exists only in shared memory. Then dense mma.sync m16n8k16 runs over K with x
 // streamed through three cp.async stages (64 k each), and the epilogue applies bias and GELU in
 // fp32 and transposes outᵀ through shared memory into 16-byte row stores. BO (64, 32 or 16)
 // is the largest whose tiles fit 128 KiB (two CTAs per Hopper SM): 64 up to K = 768, 32 up to
@@ -43,8 +43,9 @@ struct BitmapTile {
   static constexpr int kNT = kWarpT / 8;            // n-tiles per warp: 4, 2, 1
 };
 
+// [weight tile BO × (K+8) halves][x stages][bits BO × K/32][offsets BO × K/32]
 size_t bitmap_smem_bytes(int BO, int K) {
-  const size_t pipe = 2 * ((size_t)BO * (K + 8) + (size_t)kBStages * kXStage);
+  const size_t pipe = 2 * ((size_t)BO * (K + 8) + (size_t)kBStages * kXStage) + 8 * (size_t)BO * (K / 32);
   const size_t epi = 2 * (size_t)kBT * (BO + 8);
   return pipe > epi ? pipe : epi;
 }
@@ -80,33 +81,55 @@ __global__ void __launch_bounds__(kBThreads)
                  ok ? xsrc + (int64_t)i * 32 * K + kt * kBK : x, ok);
     }
   };
+  // bitmap words and offsets of the CTA's rows: one contiguous run of each, staged first
+  int32_t* sbits = reinterpret_cast<int32_t*>(xs + kBStages * kXStage);
+  int32_t* soffs = sbits + BO * kc;
+  {
+    const int words = BO * kc;
+    const int live = (n_out - o0 < BO ? n_out - o0 : BO) * kc;
+    const int32_t* gb = bits + (int64_t)o0 * kc;
+    const int32_t* go = offs + (int64_t)o0 * kc;
+    for (int i = 4 * tid; i < words; i += 4 * kBThreads) {
+      const int n = live - i >= 4 ? 16 : (live - i > 0 ? 4 * (live - i) : 0);
+      cp_async_bytes(smem_addr(sbits + i), n ? gb + i : bits, n);
+      cp_async_bytes(smem_addr(soffs + i), n ? go + i : offs, n);
+    }
+    cp_async_commit();
+  }
 #pragma unroll
   for (int s = 0; s < kBStages - 1; ++s) {
     if (s < num_kt) load_x(s);
     cp_async_commit();
   }
+  cp_async_wait<kBStages - 1>();  // the bitmap group (the oldest) has landed
+  __syncthreads();
 
-  // the whole BO × K weight tile, decompressed into shared memory
+  // the whole BO × K weight tile, decompressed into shared memory, two chunks per thread at a
+  // time so that both chunks' value gathers are in flight together
   const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vals);
-  for (int e = tid; e < BO * kc; e += kBThreads) {
-    const int row = e / kc, ch = e % kc, o = o0 + row;
-    uint32_t w2[16];
-    if (o < n_out) {
-      const uint32_t bm = static_cast<uint32_t>(bits[(int64_t)o * kc + ch]);
-      const int64_t start = offs[(int64_t)o * kc + ch];
+  for (int e0 = tid; e0 < BO * kc; e0 += 2 * kBThreads) {
+    uint32_t w2[2][16];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int e = e0 + u * kBThreads;
+      const uint32_t bm = e < BO * kc ? static_cast<uint32_t>(sbits[e]) : 0u;  // rows past n_out: 0
+      const int64_t start = e < BO * kc ? soffs[e] : 0;
 #pragma unroll
       for (int j = 0; j < 32; j += 2) {
         const uint32_t lo = (bm >> j) & 1u ? v16[start + __popc(bm & ((1u << j) - 1u))] : 0u;
         const uint32_t hi = (bm >> (j + 1)) & 1u ? v16[start + __popc(bm & ((1u << (j + 1)) - 1u))] : 0u;
-        w2[j / 2] = lo | (hi << 16);
+        w2[u][j / 2] = lo | (hi << 16);
       }
-    } else {
-#pragma unroll
-      for (int j = 0; j < 16; ++j) w2[j] = 0u;
     }
-    uint4* dst = reinterpret_cast<uint4*>(wt + row * ws + ch * 32);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) dst[q] = uint4{w2[4 * q], w2[4 * q + 1], w2[4 * q + 2], w2[4 * q + 3]};
+    for (int u = 0; u < 2; ++u) {
+      const int e = e0 + u * kBThreads;
+      if (e >= BO * kc) continue;
+      uint4* dst = reinterpret_cast<uint4*>(wt + (e / kc) * ws + (e % kc) * 32);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        dst[q] = uint4{w2[u][4 * q], w2[u][4 * q + 1], w2[u][4 * q + 2], w2[u][4 * q + 3]};
+    }
   }
 
   float acc[Tile::kNT][4];
@@ -216,7 +239,8 @@ cudaError_t launch_spmm_bitmap(const void* x, const int32_t* bits, const int32_t
   const int bo = spmm_bitmap_tile(K);
   if (bo == 0) return cudaErrorInvalidValue;
   if (tokens == 0 || n_out == 0) return cudaSuccess;
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(x) || !aligned(bits) || !aligned(offsets)) return cudaErrorInvalidValue;
   return bf16 ? launch_typed<__nv_bfloat16>(bo, x, bits, offsets, vals, bias, out, tokens, n_out, K, gelu_on, stream)
               : launch_typed<__half>(bo, x, bits, offsets, vals, bias, out, tokens, n_out, K, gelu_on, stream);
 }

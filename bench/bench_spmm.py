@@ -127,8 +127,13 @@ def measure_case(out: int, inp: int, tokens: int, sparsity: float, kind: str) ->
         variants = {f"ovit_nm_{v}": ("OVIT_SPMM24", v) for v in ("simple", "pipelined")}
     if DEVICE == "cuda" and kind == "unstructured":
         variants = {f"ovit_bitmap_{v}": ("OVIT_SPMM_BITMAP", v) for v in ("cuda", "triton")}
-    for name in variants:
+    for name, setting in variants.items():
         calls[name] = lambda: sl(x)
+        try:
+            with env_set(setting):
+                row[f"{name}_max_err"] = float((sl(x).float() - want.float()).abs().max())
+        except Exception as e:  # noqa: BLE001
+            row[f"{name}_error"] = str(e)[:100]
     methods: set = set()
     for flushed in (False, True):
         tag = "flushed" if flushed else "warm"

@@ -124,7 +124,7 @@ def measure_case(out: int, inp: int, tokens: int, sparsity: float, kind: str) ->
     # and Triton bitmap kernels (the plain ovit_<format> entry is what auto picks)
     variants: dict[str, tuple[str, str]] = {}
     if DEVICE == "cuda" and kind == "nm":
-        variants = {f"ovit_nm_{v}": ("OVIT_SPMM24", v) for v in ("simple", "pipelined")}
+        variants = {f"ovit_nm_{v}": ("OVIT_SPMM24", v) for v in ("simple", "pipelined", "wide")}
     if DEVICE == "cuda" and kind == "unstructured":
         variants = {f"ovit_bitmap_{v}": ("OVIT_SPMM_BITMAP", v) for v in ("cuda", "triton")}
     for name, setting in variants.items():

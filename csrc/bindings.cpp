@@ -202,9 +202,10 @@ void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta
     check_same_device(x, *bias, "x", "bias");
     bptr = bias->data_ptr();
   }
-  TORCH_CHECK(variant >= 0 && variant <= 2, "variant must be 0 (auto), 1 (simple) or 2 (pipelined), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 3,
+              "variant must be 0 (auto), 1 (simple), 2 (pipelined) or 3 (pipelined, 256-token tiles), got ", variant);
   const auto* mptr = static_cast<const uint16_t*>(meta.data_ptr());
-  TORCH_CHECK(variant != 2 || ovit::spmm_24_pipelined_ok(x.data_ptr(), vals.data_ptr(), mptr, (int)K),
+  TORCH_CHECK(variant < 2 || ovit::spmm_24_pipelined_ok(x.data_ptr(), vals.data_ptr(), mptr, (int)K),
               "the pipelined 2:4 kernel needs in_features % 64 == 0 (got ", K,
               "), 16-byte aligned x and values and 8-byte aligned meta");
   c10::cuda::CUDAGuard guard(x.device());

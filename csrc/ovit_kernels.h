@@ -44,8 +44,9 @@ namespace ovit {
 // 2:4 sparse × dense on sparse tensor cores: out (tokens, n_out) = act(x (tokens, K) · Wᵀ + bias).
 // vals (n_out, K/2) and x, bias, out are fp16 (bf16 != 0: bf16); meta (n_out, K/16) uint16 holds
 // the 2-bit in-group positions of the kept values, 8 per word, lowest bits first. K % 32 == 0.
-// variant: 0 = auto, 1 = the simple kernel, 2 = the pipelined kernel (needs
-// spmm_24_pipelined_ok: K % 64 == 0, x and vals 16-byte aligned, meta 8-byte aligned).
+// variant: 0 = auto, 1 = the simple kernel, 2 = the pipelined kernel with 128-token tiles,
+// 3 = with 256-token tiles (2 and 3 need spmm_24_pipelined_ok: K % 64 == 0, x and vals
+// 16-byte aligned, meta 8-byte aligned).
 cudaError_t launch_spmm_24(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
                            int tokens, int n_out, int K, int gelu_on, int bf16, int variant, cudaStream_t stream);
 bool spmm_24_pipelined_ok(const void* x, const void* vals, const uint16_t* meta, int K);

@@ -15,7 +15,8 @@
 //   memory (rows padded by 16 bytes so every ldmatrix phase hits eight distinct bank groups),
 //   fragments loaded with ldmatrix.x4, eight warps of 64 outputs × 32 tokens (16 mma.sp per
 //   32 k), and an epilogue that applies bias and GELU in fp32 and transposes outᵀ through
-//   shared memory into 16-byte row stores.
+//   shared memory into 16-byte row stores. A wide instance has 256-token tiles (64 × 64 warp
+//   tiles, 32 mma.sp per 12 ldmatrix, 234 registers, one CTA per SM).
 //
 // Operand layouts (PTX ISA, "sparse mma metadata 16832 f16/bf16"): the compressed A tile is
 // 16 × 16 halves, thread (g = lane/4, c = lane%4) holds halves (g, 2c..2c+1), (g+8, 2c..),
@@ -117,14 +118,11 @@ __global__ void __launch_bounds__(32 * kWarpsM)
 // ------------------------------------------------------------------------------------------
 
 constexpr int kPO = 128;               // outputs per CTA
-constexpr int kPT = 128;               // tokens per CTA
 constexpr int kPK = 64;                // logical k per stage (32 compressed values per row)
 constexpr int kStages = 3;
 constexpr int kPWarpsT = 4;            // warps along tokens; 2 along outputs
 constexpr int kWarpO = 64;             // outputs per warp: 4 m-tiles of 16
-constexpr int kWarpT = kPT / kPWarpsT; // tokens per warp: 4 n-tiles of 8
 constexpr int kMT = kWarpO / 16;
-constexpr int kNTP = kWarpT / 8;
 constexpr int kPThreads = 256;
 // shared-memory rows, in halves, padded by 8 halves (16 B): row strides of 80 B and 144 B put
 // the eight rows of an ldmatrix phase in eight distinct 16-byte bank groups
@@ -133,13 +131,23 @@ constexpr int kXStride = kPK + 8;
 constexpr int kMWords = kPK / 16;      // metadata words (uint16) per row per stage
 constexpr int kOStride = kPO + 8;      // epilogue tile row (tokens × outputs)
 constexpr int kStageW = kPO * kWStride;                      // halves
-constexpr int kStageX = kPT * kXStride;                      // halves
 constexpr int kStageM = kPO * kMWords;                       // uint16
-constexpr int kStageBytes = 2 * (kStageW + kStageX + kStageM);
-constexpr int kPipeSmem = kStages * kStageBytes;
-constexpr int kEpiSmem = 2 * kPT * kOStride;
-constexpr int kPSmem = kPipeSmem > kEpiSmem ? kPipeSmem : kEpiSmem;
-static_assert(kStageBytes % 16 == 0 && (2 * kStageW) % 16 == 0 && (2 * kStageX) % 16 == 0, "16-byte stages");
+
+// The CTA's token count PT: 128 (warp tiles of 64 outputs × 32 tokens, two CTAs per Hopper SM)
+// or 256 (64 × 64 warp tiles: 12 ldmatrix per 32 mma.sp instead of 8 per 16, one CTA per SM).
+template <int PT>
+struct PipeCfg {
+  static constexpr int kPT = PT;
+  static constexpr int kWarpT = PT / kPWarpsT;  // tokens per warp
+  static constexpr int kNTP = kWarpT / 8;       // n-tiles per warp: 4 or 8
+  static constexpr int kStageX = PT * kXStride;  // halves
+  static constexpr int kStageBytes = 2 * (kStageW + kStageX + kStageM);
+  static constexpr int kPipeSmem = kStages * kStageBytes;
+  static constexpr int kEpiSmem = 2 * PT * kOStride;
+  static constexpr int kSmem = kPipeSmem > kEpiSmem ? kPipeSmem : kEpiSmem;
+  static constexpr int kMinBlocks = PT == 128 ? 2 : 1;
+  static_assert(kStageBytes % 16 == 0 && (2 * kStageW) % 16 == 0 && (2 * kStageX) % 16 == 0, "16-byte stages");
+};
 
 // Per-thread source pointers of the stage loads, at stage 0, and how many of its rows exist.
 // Thread tid moves W chunks (row tid/4 + 64i, chunk tid%4), x chunks (token tid/8 + 32i,
@@ -170,15 +178,15 @@ __device__ __forceinline__ StageSrc<T> stage_src(const T* x, const T* vals, cons
 }
 
 // Stage kt of W values (128 rows × 32 compressed), metadata (128 rows × 4 words) and x
-// (128 tokens × 64 k) into shared memory. Rows past n_out / tokens are zero-filled (the source
+// (PT tokens × 64 k) into shared memory. Rows past n_out / tokens are zero-filled (the source
 // address stays valid but nothing is read); their metadata is the valid pattern (0, 1) so the
 // instruction never sees an unordered pair.
-template <typename T>
+template <typename T, int PT>
 __device__ __forceinline__ void load_stage(unsigned char* stage, const StageSrc<T>& src, const T* x, const T* vals,
                                            int kt) {
   T* ws = reinterpret_cast<T*>(stage);
   T* xs = ws + kStageW;
-  uint16_t* ms = reinterpret_cast<uint16_t*>(xs + kStageX);
+  uint16_t* ms = reinterpret_cast<uint16_t*>(xs + PipeCfg<PT>::kStageX);
   const int tid = threadIdx.x;
 #pragma unroll
   for (int i = 0; i < (kPO * 4) / kPThreads; ++i) {
@@ -187,7 +195,7 @@ __device__ __forceinline__ void load_stage(unsigned char* stage, const StageSrc<
                ok ? src.w + i * src.w_step + kt * (kPK / 2) : vals, ok);
   }
 #pragma unroll
-  for (int i = 0; i < (kPT * 8) / kPThreads; ++i) {
+  for (int i = 0; i < (PT * 8) / kPThreads; ++i) {
     const bool ok = 32 * i < src.x_rows;
     cp_async16(smem_addr(xs + (tid / 8 + 32 * i) * kXStride + (tid % 8) * 8),
                ok ? src.x + i * src.x_step + kt * kPK : x, ok);
@@ -202,11 +210,14 @@ __device__ __forceinline__ void load_stage(unsigned char* stage, const StageSrc<
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kPThreads, 2)
+template <typename T, int PT>
+__global__ void __launch_bounds__(kPThreads, PipeCfg<PT>::kMinBlocks)
     spmm24_pipelined_kernel(const T* __restrict__ x, const T* __restrict__ vals, const uint16_t* __restrict__ meta,
                             const T* __restrict__ bias, T* __restrict__ out, int tokens, int n_out, int K,
                             int gelu_on) {
+  using Cfg = PipeCfg<PT>;
+  constexpr int kPT = Cfg::kPT, kWarpT = Cfg::kWarpT, kNTP = Cfg::kNTP, kStageX = Cfg::kStageX;
+  constexpr int kStageBytes = Cfg::kStageBytes;
   OVIT_DYNAMIC_SMEM(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
@@ -227,7 +238,7 @@ __global__ void __launch_bounds__(kPThreads, 2)
   const StageSrc<T> src = stage_src<T>(x, vals, meta, o0, t0, tokens, n_out, K);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_kt) load_stage<T>(smem + s * kStageBytes, src, x, vals, s);
+    if (s < num_kt) load_stage<T, PT>(smem + s * kStageBytes, src, x, vals, s);
     cp_async_commit();
   }
 
@@ -243,7 +254,7 @@ __global__ void __launch_bounds__(kPThreads, 2)
     __syncthreads();  // stage kt landed for every thread; stage kt-1 is free to overwrite
     const int next = kt + kStages - 1;
     if (next < num_kt)
-      load_stage<T>(smem + (next % kStages) * kStageBytes, src, x, vals, next);
+      load_stage<T, PT>(smem + (next % kStages) * kStageBytes, src, x, vals, next);
     cp_async_commit();
 
     const unsigned char* stage = smem + (kt % kStages) * kStageBytes;
@@ -307,13 +318,14 @@ __global__ void __launch_bounds__(kPThreads, 2)
   }
 }
 
-template <typename T>
+template <typename T, int PT>
 cudaError_t launch_pipelined(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
                              int tokens, int n_out, int K, int gelu_on, cudaStream_t stream) {
-  cudaError_t err = set_dynamic_smem<spmm24_pipelined_kernel<T>>(kPSmem);
+  constexpr int smem = PipeCfg<PT>::kSmem;
+  cudaError_t err = set_dynamic_smem<spmm24_pipelined_kernel<T, PT>>(smem);
   if (err != cudaSuccess) return err;
-  dim3 grid((n_out + kPO - 1) / kPO, (tokens + kPT - 1) / kPT);
-  OVIT_LAUNCH(grid, kPThreads, kPSmem, stream, spmm24_pipelined_kernel<T>)(
+  dim3 grid((n_out + kPO - 1) / kPO, (tokens + PT - 1) / PT);
+  OVIT_LAUNCH(grid, kPThreads, smem, stream, spmm24_pipelined_kernel<T, PT>)(
       static_cast<const T*>(x), static_cast<const T*>(vals), meta, static_cast<const T*>(bias), static_cast<T*>(out),
       tokens, n_out, K, gelu_on);
   return cudaGetLastError();
@@ -339,17 +351,21 @@ bool spmm_24_pipelined_ok(const void* x, const void* vals, const uint16_t* meta,
 
 cudaError_t launch_spmm_24(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
                            int tokens, int n_out, int K, int gelu_on, int bf16, int variant, cudaStream_t stream) {
-  if (K % kStepK != 0 || tokens < 0 || n_out < 0 || variant < 0 || variant > 2) return cudaErrorInvalidValue;
+  if (K % kStepK != 0 || tokens < 0 || n_out < 0 || variant < 0 || variant > 3) return cudaErrorInvalidValue;
   if (tokens == 0 || n_out == 0) return cudaSuccess;
   const bool can_pipe = spmm_24_pipelined_ok(x, vals, meta, K);
-  if (variant == 2 && !can_pipe) return cudaErrorInvalidValue;
-  // auto: the pipelined tile (128 × 128) needs enough tokens to fill the card
-  const bool pipe = variant == 2 || (variant == 0 && can_pipe && tokens >= 2 * kPT);
-  if (bf16)
-    return pipe ? launch_pipelined<__nv_bfloat16>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream)
-                : launch_simple<__nv_bfloat16>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
-  return pipe ? launch_pipelined<__half>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream)
-              : launch_simple<__half>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
+  if (variant >= 2 && !can_pipe) return cudaErrorInvalidValue;
+  // auto: the pipelined 128-token tile once there are enough tokens to fill the card
+  const int v = variant != 0 ? variant : (can_pipe && tokens >= 256 ? 2 : 1);
+  if (bf16) {
+    using B = __nv_bfloat16;
+    if (v == 3) return launch_pipelined<B, 256>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
+    if (v == 2) return launch_pipelined<B, 128>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
+    return launch_simple<B>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
+  }
+  if (v == 3) return launch_pipelined<__half, 256>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
+  if (v == 2) return launch_pipelined<__half, 128>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
+  return launch_simple<__half>(x, vals, meta, bias, out, tokens, n_out, K, gelu_on, stream);
 }
 
 }  // namespace ovit

@@ -169,12 +169,13 @@ def obs_reconstruct(
     return w_out.to(w.dtype), pruned == 0, bad.bool()
 
 
-SPMM24_VARIANTS = {"auto": 0, "simple": 1, "pipelined": 2}
+SPMM24_VARIANTS = {"auto": 0, "simple": 1, "pipelined": 2, "wide": 3}
 
 
 def spmm24_variant() -> int:
     """Which 2:4 kernel runs: ``OVIT_SPMM24`` = ``auto`` (default: the pipelined kernel when
-    in_features % 64 == 0 and there are at least 256 tokens), ``simple`` or ``pipelined``."""
+    in_features % 64 == 0 and there are at least 256 tokens), ``simple``, ``pipelined``
+    (128-token tiles) or ``wide`` (the pipelined kernel with 256-token tiles)."""
     name = os.environ.get("OVIT_SPMM24", "auto")
     if name not in SPMM24_VARIANTS:
         raise ValueError(f"OVIT_SPMM24 must be one of {sorted(SPMM24_VARIANTS)}, got {name!r}")

@@ -205,14 +205,15 @@ def _nm_mask(w: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(2, -1).indices, True).view(out, k)
 
 
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("variant", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "tokens,out,inp",
     [(5, 24, 64), (130, 136, 128), (70, 100, 192)],  # partial tiles; out % 8 != 0 last
 )
 def test_spmm24_kernels(emu, variant, dtype, tokens, out, inp, gen):
-    """Both 2:4 kernels (1 = simple, 2 = pipelined) against the dense product of the packed weight."""
+    """The 2:4 kernels (1 = simple, 2 = pipelined, 3 = pipelined with 256-token tiles) against
+    the dense product of the packed weight."""
     w = torch.randn(out, inp, generator=gen)
     mask = _nm_mask(w)
     mask[1, 4:8] = torch.tensor([False, True, False, False])  # a group keeping one value
@@ -241,7 +242,7 @@ def test_spmm24_kernels(emu, variant, dtype, tokens, out, inp, gen):
             want = torch.nn.functional.gelu(want)
         tol = 1e-2 if dtype == torch.float16 else 5e-2
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
-    if variant == 2:  # in_features % 64 != 0 is refused by the pipelined kernel
+    if variant >= 2:  # in_features % 64 != 0 is refused by the pipelined kernel
         assert emu.emu_spmm24(_ptr(x), _ptr(p.a), _ptr(p.c), None, _ptr(got), tokens, out, inp - 32, 0, 0, 2) != 0
 
 

@@ -101,7 +101,7 @@ def test_spmm_equals_dense_product(backend, dtype, activation, gen):
 
 
 @pytest.mark.skipif(not CUDA_READY, reason="needs a GPU and ovit_kernels._C")
-@pytest.mark.parametrize("variant", ["simple", "pipelined", "auto"])
+@pytest.mark.parametrize("variant", ["simple", "pipelined", "wide", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "tokens,out,inp",
@@ -109,7 +109,7 @@ def test_spmm_equals_dense_product(backend, dtype, activation, gen):
 )
 def test_spmm24_kernels_equal_dense_product(variant, dtype, tokens, out, inp, monkeypatch, gen):
     """Both 2:4 tensor-core kernels, at sizes that leave partial tiles on every side."""
-    if variant == "pipelined" and inp % 64:
+    if variant in ("pipelined", "wide") and inp % 64:
         pytest.skip("the pipelined kernel needs in_features % 64 == 0")
     monkeypatch.setenv("OVIT_SPMM24", variant)
     w = torch.randn(out, inp, generator=gen)
@@ -127,7 +127,7 @@ def test_spmm24_kernels_equal_dense_product(variant, dtype, tokens, out, inp, mo
         torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol)
     # a contiguous view that starts 2 bytes into its storage: auto falls back, pipelined refuses
     xs = torch.randn(tokens * inp + 1, generator=gen).to(dtype).cuda()[1:].view(tokens, inp)
-    if variant == "pipelined":
+    if variant in ("pipelined", "wide"):
         with pytest.raises(RuntimeError, match="pipelined"):
             ok.spmm(xs, p, None, None, backend="cuda")
     else:

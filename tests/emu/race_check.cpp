@@ -62,7 +62,7 @@ int sparse(int tokens, int n_out, int K) {
   for (auto& v : vals24) v = half_of(normal(rng));
   for (auto& v : bias) v = half_of(normal(rng));
   int rc = 0;
-  for (int variant = 1; variant <= 2; ++variant)
+  for (int variant = 1; variant <= 3; ++variant)
     rc |= ovit::launch_spmm_24(x.data(), vals24.data(), meta.data(), bias.data(), out.data(), tokens, n_out, K, 1, 0,
                                variant, nullptr);
   const int kc = K / 32;

@@ -31,12 +31,22 @@ def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) 
             finv.baddbmm_(u.unsqueeze(-1), (u / denom.unsqueeze(-1)).unsqueeze(-2), alpha=-1.0)
 
 
+GRAM_PIECE_BYTES = 256 << 20  # largest float64 copy of a gradient chunk made at once
+
+
 def gram_update_(gram: torch.Tensor, grads: torch.Tensor) -> None:
-    """Accumulate ``gram[b] += Σ_i g_{i,b} g_{i,b}ᵀ`` for ``grads`` (k, N) into ``gram`` (nb, B, B)."""
+    """Accumulate ``gram[b] += Σ_i g_{i,b} g_{i,b}ᵀ`` for ``grads`` (k, N) into ``gram`` (nb, B, B).
+
+    The chunk is converted to the Gram's dtype a range of blocks at a time (at most
+    ``GRAM_PIECE_BYTES`` per copy); every block's state is still read and written once."""
     nb, b, _ = gram.shape
-    g = grads.reshape(grads.shape[0], nb, b).to(gram.dtype).permute(1, 2, 0)  # (nb, B, k)
+    k = grads.shape[0]
+    g_all = grads.reshape(k, nb, b)
+    step = nb if grads.dtype == gram.dtype else max(1, GRAM_PIECE_BYTES // max(1, k * b * gram.element_size()))
     with no_tf32():
-        gram.baddbmm_(g, g.transpose(1, 2))
+        for s in range(0, nb, step):
+            g = g_all[:, s : s + step].to(gram.dtype).permute(1, 2, 0)  # (blocks, B, k)
+            gram[s : s + step].baddbmm_(g, g.transpose(1, 2))
 
 
 def damped_fisher(gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str) -> torch.Tensor:

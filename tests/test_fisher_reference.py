@@ -59,6 +59,21 @@ def test_float32_gram_uses_float64_accumulation(gen):
     assert rel < 1e-5
 
 
+def test_gram_update_in_pieces_equals_one_piece(monkeypatch, gen):
+    """float32 chunks are widened to float64 a range of blocks at a time; the result is the same."""
+    from ovit_kernels import reference
+
+    g = torch.randn(9, 7 * 12, generator=gen)
+    whole = torch.zeros(7, 12, 12, dtype=torch.float64)
+    reference.gram_update_(whole, g)
+    monkeypatch.setattr(reference, "GRAM_PIECE_BYTES", 9 * 12 * 8 * 2)  # two blocks per piece
+    pieces = torch.zeros(7, 12, 12, dtype=torch.float64)
+    reference.gram_update_(pieces, g)
+    assert torch.equal(pieces, whole)
+    gb = g.double().view(9, 7, 12)
+    torch.testing.assert_close(whole, torch.einsum("kni,knj->nij", gb, gb))
+
+
 def test_woodbury_update_in_place_row_order(gen):
     g, _ = random_fisher_inverse(2, 6, 4, 0.5, gen)
     h = torch.eye(6, dtype=torch.float64).repeat(2, 1, 1) / 0.5

@@ -177,31 +177,37 @@ void damped_inverse(const at::Tensor& gram, double inv_m, double damp, bool rela
   check_cuda_launch(err, "damped_inverse");
 }
 
-void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta, const c10::optional<at::Tensor>& bias,
-             at::Tensor out, bool gelu, int64_t variant) {
+// The checks both sparse kernels share: x (tokens, K) fp16/bf16, values of x's dtype, out
+// (tokens, n_out), an optional bias (n_out) of x's dtype. Returns the bias pointer (or null).
+const void* check_spmm_common(const at::Tensor& x, const at::Tensor& vals, const c10::optional<at::Tensor>& bias,
+                              const at::Tensor& out, int64_t n_out) {
   check_tensor(x, "x", 2);
-  check_tensor(vals, "values", 2);
-  check_tensor(meta, "meta", 2);
   check_tensor(out, "out", 2);
-  const int64_t tokens = x.size(0), K = x.size(1), n_out = vals.size(0);
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16, got ",
               x.scalar_type());
   TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "values must have x's dtype ", x.scalar_type());
+  check_same_device(x, vals, "x", "values");
+  check_out(out, "out", {x.size(0), n_out}, x.scalar_type(), x);
+  if (!bias.has_value()) return nullptr;
+  check_tensor(*bias, "bias", 1);
+  TORCH_CHECK(bias->size(0) == n_out && bias->scalar_type() == x.scalar_type(), "bias must be (", n_out,
+              ") of x's dtype");
+  check_same_device(x, *bias, "x", "bias");
+  return bias->data_ptr();
+}
+
+void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta, const c10::optional<at::Tensor>& bias,
+             at::Tensor out, bool gelu, int64_t variant) {
+  check_tensor(vals, "values", 2);
+  check_tensor(meta, "meta", 2);
+  const int64_t n_out = vals.size(0);
+  const void* bptr = check_spmm_common(x, vals, bias, out, n_out);
+  const int64_t tokens = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 32 == 0, "in_features must be a multiple of 32 for the 2:4 kernel, got ", K);
   TORCH_CHECK(vals.size(1) == K / 2, "values must be (n_out, K/2) = (", n_out, ", ", K / 2, "), got ", vals.sizes());
   TORCH_CHECK(meta.scalar_type() == at::kShort && meta.size(0) == n_out && meta.size(1) == K / 16,
               "meta must be int16 (", n_out, ", ", K / 16, "), got ", meta.scalar_type(), " ", meta.sizes());
-  check_out(out, "out", {tokens, n_out}, x.scalar_type(), x);
-  check_same_device(x, vals, "x", "values");
   check_same_device(x, meta, "x", "meta");
-  const void* bptr = nullptr;
-  if (bias.has_value()) {
-    check_tensor(*bias, "bias", 1);
-    TORCH_CHECK(bias->size(0) == n_out && bias->scalar_type() == x.scalar_type(), "bias must be (", n_out,
-                ") of x's dtype");
-    check_same_device(x, *bias, "x", "bias");
-    bptr = bias->data_ptr();
-  }
   TORCH_CHECK(variant >= 0 && variant <= 3,
               "variant must be 0 (auto), 1 (simple), 2 (pipelined) or 3 (pipelined, 256-token tiles), got ", variant);
   const auto* mptr = static_cast<const uint16_t*>(meta.data_ptr());
@@ -217,35 +223,22 @@ void spmm_24(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& meta
 
 void spmm_bitmap(const at::Tensor& x, const at::Tensor& bits, const at::Tensor& offsets, const at::Tensor& vals,
                  const c10::optional<at::Tensor>& bias, at::Tensor out, bool gelu) {
-  check_tensor(x, "x", 2);
   check_tensor(bits, "bits", 2);
   check_tensor(offsets, "offsets", 2);
   check_tensor(vals, "values", 1);
-  check_tensor(out, "out", 2);
-  const int64_t tokens = x.size(0), K = x.size(1), n_out = bits.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be float16 or bfloat16, got ",
-              x.scalar_type());
-  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "values must have x's dtype ", x.scalar_type());
+  const int64_t n_out = bits.size(0);
+  const void* bptr = check_spmm_common(x, vals, bias, out, n_out);
+  const int64_t tokens = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 64 == 0, "in_features must be a multiple of 64 for the bitmap kernel, got ", K);
   TORCH_CHECK(bits.scalar_type() == at::kInt && bits.size(1) == K / 32, "bits must be int32 (", n_out, ", ", K / 32,
               "), got ", bits.scalar_type(), " ", bits.sizes());
   TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.sizes() == bits.sizes(), "offsets must be int32 ",
               bits.sizes(), ", got ", offsets.scalar_type(), " ", offsets.sizes());
-  check_out(out, "out", {tokens, n_out}, x.scalar_type(), x);
   check_same_device(x, bits, "x", "bits");
   check_same_device(x, offsets, "x", "offsets");
-  check_same_device(x, vals, "x", "values");
   for (const at::Tensor* t : {&x, &bits, &offsets})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
                 "x, bits and offsets must be 16-byte aligned for the bitmap kernel");
-  const void* bptr = nullptr;
-  if (bias.has_value()) {
-    check_tensor(*bias, "bias", 1);
-    TORCH_CHECK(bias->size(0) == n_out && bias->scalar_type() == x.scalar_type(), "bias must be (", n_out,
-                ") of x's dtype");
-    check_same_device(x, *bias, "x", "bias");
-    bptr = bias->data_ptr();
-  }
   c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(ovit::spmm_bitmap_tile((int)K) > 0, "a weight tile of in_features = ", K,
               " does not fit this card's shared memory: use the Triton bitmap kernel");

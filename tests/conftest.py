@@ -28,3 +28,11 @@ def random_fisher_inverse(nb: int, b: int, m: int, damp: float, gen: torch.Gener
     gb = g.view(m, nb, b)
     f = torch.einsum("kni,knj->nij", gb, gb) / m + damp * torch.eye(b, dtype=torch.float64)
     return g.to(dtype), torch.linalg.inv(f).to(dtype)
+
+
+def linear_ref(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """float32 act(x @ denseᵀ + bias): what every sparse × dense kernel must reproduce."""
+    y = x.float() @ dense.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return torch.nn.functional.gelu(y) if gelu else y

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import random_fisher_inverse
+from conftest import linear_ref, random_fisher_inverse
 
 import ovit_kernels as ok
 from ovit_kernels import reference
@@ -237,9 +237,7 @@ def test_spmm24_kernels(emu, variant, dtype, tokens, out, inp, gen):
             variant,
         )
         assert rc == 0
-        want = x.float() @ dense.T + bias.float()
-        if gelu:
-            want = torch.nn.functional.gelu(want)
+        want = linear_ref(x, dense, bias, bool(gelu))
         tol = 1e-2 if dtype == torch.float16 else 5e-2
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
     if variant >= 2:  # in_features % 64 != 0 is refused by the pipelined kernel
@@ -284,9 +282,7 @@ def test_spmm_bitmap_kernel(emu, dtype, tokens, out, inp, density, gen):
             int(dtype == torch.bfloat16),
         )
         assert rc == 0
-        want = x.float() @ dense.T + bias.float()
-        if gelu:
-            want = torch.nn.functional.gelu(want)
+        want = linear_ref(x, dense, bias, bool(gelu))
         tol = 1e-2 if dtype == torch.float16 else 5e-2
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item() / 10))
     assert emu.emu_spmm_bitmap_tile(96) == 0  # K % 64 != 0: not this kernel

@@ -117,18 +117,11 @@ __global__ void __launch_bounds__(16 * C, elim_min_blocks<T, C>())
       q = cand;
       ww = q / kRowsPerWarp;
     } else {
-      q = pi[parity][0];
-      sq = pv[parity][0];
-      ww = 0;
-      for (int w2 = 1; w2 < nwarps; ++w2) {
-        const T ov = pv[parity][w2];
-        const int oi = pi[parity][w2];
-        if (ov < sq || (ov == sq && oi < q) || (sq != sq && ov == ov)) {
-          sq = ov;
-          q = oi;
-          ww = w2;
-        }
-      }
+      // every warp reduces the warps' candidates (one per lane, nwarps <= 32) by shuffles
+      sq = lane < nwarps ? pv[parity][lane] : inf_of<T>();
+      q = lane < nwarps ? pi[parity][lane] : 0x7fffffff;
+      warp_argmin(sq, q);
+      ww = q / kRowsPerWarp;  // the warp holding row q published it
     }
     if (q < 0 || q >= B) {  // no candidate left (uniform across the block)
       flag = 1;

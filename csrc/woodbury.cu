@@ -63,8 +63,7 @@ __global__ void __launch_bounds__(16 * C, woodbury_min_blocks<T, C>()) woodbury_
       if (p == 0 && r < W) us[parity][r] = (r < B) ? u : T(0);
       if (lane == 0) part[parity][warp] = gu;
       __syncthreads();
-      T denom = m;
-      for (int w = 0; w < nwarps; ++w) denom += part[parity][w];
+      const T denom = m + warp_sum(lane < nwarps ? part[parity][lane] : T(0));  // nwarps <= 32
       const T scale = u / denom;
       rank_one_sub<T, C>(h, scale, us[parity], p);
       parity ^= 1;

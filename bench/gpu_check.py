@@ -66,9 +66,9 @@ def build() -> dict:
     t = time.time()
     cmd = [sys.executable, "-m", "pip", "install", "-e", ROOT, "--no-build-isolation", "--no-deps", "-q"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
+    if r.returncode != 0:  # go on: the Triton and reference paths still get checked and timed
         print(r.stdout[-4000:], r.stderr[-8000:])
-        raise SystemExit("extension build failed")
+        return {"build_s": round(time.time() - t, 1), "build_error": (r.stdout + r.stderr)[-3000:]}
     return {"build_s": round(time.time() - t, 1)}
 
 

@@ -223,9 +223,15 @@ cudaError_t launch_typed(int bo, const void* x, const int32_t* bits, const int32
 
 int spmm_bitmap_tile(int K) {
   if (K <= 0 || K % kBK != 0) return 0;
+  constexpr int kDevices = 64;
+  static std::atomic<int> smem_of[kDevices] = {};  // the opt-in limit per device, queried once
   int dev = 0, max_smem = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < kDevices) max_smem = smem_of[dev].load(std::memory_order_relaxed);
+  if (max_smem == 0) {
+    if (cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+    if (dev >= 0 && dev < kDevices) smem_of[dev].store(max_smem, std::memory_order_relaxed);
+  }
   const size_t prefer = 128 * 1024;  // leaves room for a second CTA per SM on Hopper
   for (int bo : {64, 32, 16})
     if (bitmap_smem_bytes(bo, K) <= prefer && bitmap_smem_bytes(bo, K) <= (size_t)max_smem) return bo;

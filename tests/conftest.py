@@ -36,3 +36,34 @@ def linear_ref(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, 
     if bias is not None:
         y = y + bias.float()
     return torch.nn.functional.gelu(y) if gelu else y
+
+
+def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Keep the n largest |w| of every group of m consecutive inputs (True = kept)."""
+    out, k = w.shape
+    g = w.abs().view(out, k // m, m)
+    idx = g.topk(n, dim=-1).indices
+    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).view(out, k)
+
+
+def spmm_inputs(w: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, tokens: int, gen: torch.Generator):
+    """(dense, x, bias) for a sparse × dense check: the masked weight in ``dtype`` (as float32),
+    and random activations (tokens, in) and bias (out) in ``dtype``."""
+    dense = torch.where(mask, w.to(dtype), 0).float()
+    x = torch.randn(tokens, w.shape[1], generator=gen).to(dtype)
+    bias = torch.randn(w.shape[0], generator=gen).to(dtype)
+    return dense, x, bias
+
+
+def elimination_inputs(nb: int, b: int, variant: str, gen: torch.Generator):
+    """(w, h, mask, nm) in float64 for an elimination check; ``variant`` is "plain", "mask",
+    "nm" or "nm+mask" (masked weights in the first and last blocks)."""
+    _, h = random_fisher_inverse(nb, b, 3 * b, 0.05, gen)
+    w = torch.randn(nb, b, generator=gen, dtype=torch.float64)
+    mask = None
+    if "mask" in variant:
+        mask = torch.zeros(nb, b, dtype=torch.bool)
+        mask[0, b - 1] = True
+        mask[nb - 1, 0] = True
+        mask[0, b // 2] = True
+    return w, h, mask, ((2, 4) if "nm" in variant else None)

@@ -7,7 +7,7 @@ Shapes include B not a power of two, nb = 1, and B not a multiple of the tile.
 
 import pytest
 import torch
-from conftest import random_fisher_inverse
+from conftest import elimination_inputs, random_fisher_inverse
 
 import ovit_kernels as ok
 
@@ -93,14 +93,7 @@ def test_prune_order_matches_reference(backend, dtype, nb, b, variant, gen):
     if "nm" in variant and b % 4:
         pytest.skip("N:M needs m | B")
     dev = device_for(backend)
-    _, h = random_fisher_inverse(nb, b, 3 * b, 0.05, gen)
-    w = torch.randn(nb, b, generator=gen, dtype=torch.float64)
-    mask = None
-    if "mask" in variant:
-        mask = torch.zeros(nb, b, dtype=torch.bool)
-        mask[0, b - 1] = True
-        mask[nb - 1, 0] = True
-    nm = (2, 4) if "nm" in variant else None
+    w, h, mask, nm = elimination_inputs(nb, b, variant, gen)
     o_ref, l_ref = ok.obs_prune_order(w, h, mask=mask, nm=nm, backend="reference")
     w_d, h_d = w.to(dtype).to(dev), h.to(dtype).to(dev)
     m_d = None if mask is None else mask.to(dev)

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import linear_ref, random_fisher_inverse
+from conftest import elimination_inputs, linear_ref, nm_mask, random_fisher_inverse, spmm_inputs
 
 import ovit_kernels as ok
 from ovit_kernels import reference
@@ -113,15 +113,7 @@ def test_woodbury_kernel(emu, dtype, nb, b, packed, gen):
 def test_elimination_kernel(emu, dtype, nb, b, packed, variant, gen):
     if "nm" in variant and b % 4:
         pytest.skip("N:M needs m | B")
-    _, h = random_fisher_inverse(nb, b, 3 * b, 0.05, gen)
-    w = torch.randn(nb, b, generator=gen, dtype=torch.float64)
-    mask = None
-    if "mask" in variant:
-        mask = torch.zeros(nb, b, dtype=torch.bool)
-        mask[0, b - 1] = True
-        mask[nb - 1, 0] = True
-        mask[0, b // 2] = True
-    nm = (2, 4) if "nm" in variant else None
+    w, h, mask, nm = elimination_inputs(nb, b, variant, gen)
     o_ref, l_ref = ok.obs_prune_order(w, h, mask=mask, nm=nm, backend="reference")
     steps = reference.prune_steps(b, nm)
     order, loss, bad = (
@@ -199,12 +191,6 @@ def test_bad_launches_are_refused(emu):
     assert torch.isnan(h).all()
 
 
-def _nm_mask(w: torch.Tensor) -> torch.Tensor:
-    out, k = w.shape
-    g = w.abs().view(out, k // 4, 4)
-    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(2, -1).indices, True).view(out, k)
-
-
 @pytest.mark.parametrize("variant", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -215,12 +201,10 @@ def test_spmm24_kernels(emu, variant, dtype, tokens, out, inp, gen):
     """The 2:4 kernels (1 = simple, 2 = pipelined, 3 = pipelined with 256-token tiles) against
     the dense product of the packed weight."""
     w = torch.randn(out, inp, generator=gen)
-    mask = _nm_mask(w)
+    mask = nm_mask(w)
     mask[1, 4:8] = torch.tensor([False, True, False, False])  # a group keeping one value
     p = ok.pack_nm(w.to(dtype), mask)
-    dense = torch.where(mask, w.to(dtype), 0).float()
-    x = torch.randn(tokens, inp, generator=gen).to(dtype)
-    bias = torch.randn(out, generator=gen).to(dtype)
+    dense, x, bias = spmm_inputs(w, mask, dtype, tokens, gen)
     for gelu in (0, 1):
         got = _poisoned(tokens, out, dtype=dtype)
         rc = emu.emu_spmm24(
@@ -260,9 +244,7 @@ def test_spmm_bitmap_kernel(emu, dtype, tokens, out, inp, density, gen):
     if density == 0.0:
         mask[:] = False
     p = ok.pack_bitmap(w.to(dtype), mask)
-    dense = torch.where(mask, w.to(dtype), 0).float()
-    x = torch.randn(tokens, inp, generator=gen).to(dtype)
-    bias = torch.randn(out, generator=gen).to(dtype)
+    dense, x, bias = spmm_inputs(w, mask, dtype, tokens, gen)
     smem = [2 * (bo * (inp + 8) + 3 * 64 * 72) + 8 * bo * (inp // 32) for bo in (64, 32, 16)]
     assert emu.emu_spmm_bitmap_tile(inp) == next(bo for bo, b in zip((64, 32, 16), smem) if b <= 128 * 1024)
     vals = p.c if p.c.numel() else torch.zeros(1, dtype=dtype)

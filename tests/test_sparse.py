@@ -2,18 +2,11 @@
 
 import pytest
 import torch
-from conftest import linear_ref
+from conftest import linear_ref, nm_mask, spmm_inputs
 from torch import nn
 
 import ovit_kernels as ok
 from ovit_kernels.sparse_formats import CHUNK
-
-
-def nm_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    out, k = w.shape
-    g = w.abs().view(out, k // m, m)
-    idx = g.topk(n, dim=-1).indices
-    return torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True).view(out, k)
 
 
 def block_mask(out: int, k: int, bm: int, bn: int, density: float, gen) -> torch.Tensor:
@@ -114,9 +107,7 @@ def test_spmm24_kernels_equal_dense_product(variant, dtype, tokens, out, inp, mo
     w = torch.randn(out, inp, generator=gen)
     mask = nm_mask(w)
     p = ok.pack_nm(w.to(dtype), mask).to("cuda")
-    dense = torch.where(mask, w.to(dtype), 0).float()
-    x = torch.randn(tokens, inp, generator=gen).to(dtype)
-    bias = torch.randn(out, generator=gen).to(dtype)
+    dense, x, bias = spmm_inputs(w, mask, dtype, tokens, gen)
     for act in (None, "gelu"):
         want = linear_ref(x, dense, bias, act == "gelu")
         got = ok.spmm(x.cuda(), p, bias.cuda(), act, backend="cuda")
@@ -142,9 +133,7 @@ def test_spmm_bitmap_kernels_equal_dense_product(kernel, dtype, tokens, out, inp
     w = torch.randn(out, inp, generator=gen)
     mask = torch.rand(out, inp, generator=gen) < 0.2
     p = ok.pack_bitmap(w.to(dtype), mask).to("cuda")
-    dense = torch.where(mask, w.to(dtype), 0).float()
-    x = torch.randn(tokens, inp, generator=gen).to(dtype)
-    bias = torch.randn(out, generator=gen).to(dtype)
+    dense, x, bias = spmm_inputs(w, mask, dtype, tokens, gen)
     for act in (None, "gelu"):
         want = linear_ref(x, dense, bias, act == "gelu")
         got = ok.spmm(x.cuda(), p, bias.cuda(), act, backend="cuda")

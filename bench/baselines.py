@@ -13,15 +13,16 @@ import torch
 
 
 def fisher_rank_one(grads: torch.Tensor, block: int, damp: float, num_grads: int) -> torch.Tensor:
-    """(nb, B, B) fp32 inverse by m rank-one passes of torch ops (the original approach)."""
+    """(nb, B, B) fp32 inverse by m rank-one passes of torch ops, as the original code does them:
+    u = H g, v = u / √(m + gᵀu), H -= v vᵀ (one batched mat-vec and one ``baddbmm`` per gradient)."""
     m, n = grads.shape
     nb = n // block
     finv = (torch.eye(block, device=grads.device) / damp).expand(nb, block, block).contiguous()
     for i in range(m):
         g = grads[i].view(nb, block, 1)
         u = torch.bmm(finv, g)
-        denom = num_grads + torch.bmm(g.transpose(1, 2), u)
-        finv.baddbmm_(u, u.transpose(1, 2) / denom, alpha=-1.0)
+        v = u / (num_grads + torch.bmm(g.transpose(1, 2), u)).sqrt()
+        finv.baddbmm_(v, v.transpose(1, 2), alpha=-1.0)
     return finv
 
 

@@ -119,7 +119,10 @@ __global__ void __launch_bounds__(kThreads) woodbury_packed_kernel(T* __restrict
     T gu = T(0);
     for (int j = threadIdx.x; j < B; j += kThreads) gu += s.v0[j] * s.v1[j];
     const T denom = m + block_sum(gu, s.part);
-    rank_one_packed(s.P, s.v1, s.v1, T(1) / denom, B);
+    const T sc = T(1) / sqrt(denom);
+    for (int j = threadIdx.x; j < B; j += kThreads) s.v1[j] *= sc;  // v = u / √denom: H -= v vᵀ
+    __syncthreads();
+    rank_one_packed(s.P, s.v1, s.v1, T(1), B);
     __syncthreads();
   }
   store_packed(s.P, hb, B, T(1));

@@ -92,4 +92,13 @@ __device__ __forceinline__ void rank_one_sub(T (&h)[C], T ar, const T* b, int p)
   for (int c = 0; c < C; ++c) h[c] -= ar * b[p + kLanesPerRow * c];
 }
 
+// h -= a[r] * (b[col] * s): the symmetric rank-one update v vᵀ with v = s·b, where b (shared
+// memory) is unscaled and a = s·b[r]; both factors are rounded the same way on either side of
+// the diagonal.
+template <typename T, int C>
+__device__ __forceinline__ void rank_one_sub_scaled(T (&h)[C], T ar, const T* b, T s, int p) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) h[c] -= ar * (b[p + kLanesPerRow * c] * s);
+}
+
 }  // namespace ovit

@@ -1,7 +1,7 @@
 // Fused streaming Woodbury (Sherman–Morrison) updates of the blockwise inverse Fisher.
 // One thread block per Fisher block: the block stays in registers while a chunk of k gradients
-// is applied in order, u = H g, H -= u uᵀ / (m + gᵀ u); it is written back once per call.
-// Per gradient and block: 4·B² flops and one __syncthreads; gradients are staged through
+// is applied in order, u = H g, v = u / √(m + gᵀ u), H -= v vᵀ; it is written back once per call.
+// Per gradient and block: 5·B² flops and one __syncthreads; gradients are staged through
 // shared memory kChunk rows at a time. Blocks beyond the register tile (fp32 B > 192, fp64
 // B > 128) go to the packed-symmetric shared-memory kernel (packed.cu).
 
@@ -64,8 +64,10 @@ __global__ void __launch_bounds__(16 * C, woodbury_min_blocks<T, C>()) woodbury_
       if (lane == 0) part[parity][warp] = gu;
       __syncthreads();
       const T denom = m + warp_sum(lane < nwarps ? part[parity][lane] : T(0));  // nwarps <= 32
-      const T scale = u / denom;
-      rank_one_sub<T, C>(h, scale, us[parity], p);
+      // H -= v vᵀ with v = u / √denom: entries (r, c) and (c, r) get the same product, so the
+      // block stays exactly symmetric (u (u/denom)ᵀ would round the two sides differently).
+      const T s = T(1) / sqrt(denom);
+      rank_one_sub_scaled<T, C>(h, u * s, us[parity], s, p);
       parity ^= 1;
     }
   }

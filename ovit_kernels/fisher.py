@@ -3,13 +3,44 @@
 Precision policy
 ----------------
 * ``method="gram"`` accumulates G_b = Σ g_b g_bᵀ in float64 with batched GEMMs, forms
-  F_b = λ'I + G_b/m and inverts it by Cholesky in float64, then casts to ``dtype``. This holds
-  diag(F⁻¹) to ~1e-12 relative even at λ/λ_max = 1e-8. It is the only method that supports
-  ``damp_mode="relative"`` (it needs every gradient before the inverse starts).
-* ``method="woodbury"`` streams Sherman–Morrison rank-one updates on a state of ``dtype``
-  (what the original code does, and what drop-in users expect). In float32 it holds ~1e-5 at
-  λ/λ_max = 1e-6 and fails at 1e-8; in float64 it is exact to rounding. It needs ``num_grads``
-  up front and keeps only one (nb, B, B) state, half the bytes of the float64 Gram.
+  F_b = λ'I + G_b/m and inverts it in float64, then casts to ``dtype``. Its float64 error on
+  diag(F⁻¹) is about cond(F_b) × 1e-16 (cond of the *damped* block): 1e-14 when m ≥ 2B, up to
+  ~1e-8 at λ/λ_max = 1e-8 with m < B; a float32 result is float32 rounding (6e-8) everywhere.
+  It is the only method that supports ``damp_mode="relative"``.
+* ``method="woodbury"`` streams Sherman–Morrison updates on a state of ``dtype`` (what the
+  original code does, and what drop-in users expect). It needs ``num_grads`` up front and
+  keeps one (nb, B, B) state, half the bytes of the float64 Gram. In float32 the rank-one
+  updates start at 1/λ and cancel by many orders of magnitude, so the accuracy depends on how
+  often the state is rounded:
+
+  - the reference backend (the CPU path) applies each call's gradients as rank-k steps computed
+    in float64 and rounds the state once per call: float32 rounding (1e-7) everywhere below;
+  - the CUDA and Triton kernels do one float32 rank-one step per gradient with the original
+    code's arithmetic (v = u/√(m + gᵀu), H −= v vᵀ, which keeps the block exactly symmetric):
+    as accurate as the original's float32 path, which loses digits as λ/λ_max falls (and may
+    return a finite but wrong block below 1e-7: use the Gram method or float64 there).
+
+  Worst relative error of diag(F⁻¹), float32 state, B = 64, cond(F) = 1e2, 3 seeds, measured by
+  ``bench/fisher_accuracy.py`` on a CPU (Triton under its interpreter, 2026-11-30):
+
+  ============ ====== ============= ============= ============= =============
+  λ/λ_max      m/B     0.5           1             2             8
+  ============ ====== ============= ============= ============= =============
+  1e-8         orig.   1e-6          6e-1          NaN           2e-1
+               ref.    1e-7          2e-5          1e-7          2e-7
+               kern.   7e-7          3e-1          5e+0          6e-2
+  1e-6         orig.   2e-6          5e-3          3e-3          3e-4
+               ref.    2e-7          4e-6          1e-7          1e-7
+               kern.   6e-7          3e-3          2e-3          2e-4
+  1e-4         orig.   1e-6          5e-5          3e-5          3e-6
+               ref.    1e-7          3e-7          1e-7          1e-7
+               kern.   6e-7          3e-5          2e-5          2e-6
+  1e-2         all     ≤ 1e-6        ≤ 1e-6        ≤ 1e-6        ≤ 1e-6
+  ============ ====== ============= ============= ============= =============
+
+  (orig. = the original code's float32 rank-one path, ``bench/baselines.py``; ref. = this
+  package's reference/CPU backend; kern. = the kernels.) In float64 the Woodbury method is
+  exact to rounding (≤ 1e-8 at λ/λ_max = 1e-8, ≤ 1e-12 from 1e-4 up).
 * ``method="auto"`` picks ``"gram"`` (most precise, fewest bytes moved), except that it picks
   ``"woodbury"`` when the state is float64 anyway and ``num_grads`` is known and smaller than
   B / 4 (then m rank-one passes cost less than B-sized GEMMs).

@@ -19,16 +19,40 @@ from .sparse_formats import PackedWeight, unpack
 # ---------------------------------------------------------------------------------------------
 
 
+WOODBURY_RANK = 64  # gradients folded into one rank-k Woodbury step
+WOODBURY_PIECE_BYTES = 64 << 20  # float64 working set of one range of blocks
+
+
 def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
-    """Apply the rank-one Sherman–Morrison steps of ``grads`` (k, N) to ``finv`` (nb, B, B), in order."""
+    """Apply the Sherman–Morrison steps of ``grads`` (k, N) to ``finv`` (nb, B, B), in order.
+
+    Up to ``WOODBURY_RANK`` gradients at a time are applied as one rank-k Woodbury step, which
+    equals the sequence of rank-one steps in exact arithmetic: with G the (B, k) chunk of a
+    block, U = H G, S = m I + Gᵀ U = L Lᵀ (Cholesky), V = U L⁻ᵀ and H ← H − V Vᵀ. Everything
+    is computed in float64 and the state is rounded to its dtype once per call (a range of
+    blocks at a time, at most ``WOODBURY_PIECE_BYTES`` of float64 copies), so a float32 state
+    does not accumulate one rounding per gradient; H − V Vᵀ keeps it symmetric. A block whose
+    S is not positive definite (an inverse that has lost definiteness) becomes NaN, which
+    ``FisherInverse.compute`` reports."""
     nb, b, _ = finv.shape
-    g = grads.reshape(grads.shape[0], nb, b).to(finv.dtype)
+    k_all = grads.shape[0]
+    g_all = grads.reshape(k_all, nb, b)
+    rank = min(WOODBURY_RANK, k_all)
+    per_block = 8 * (b * b + 3 * b * rank + rank * rank)
+    step = max(1, WOODBURY_PIECE_BYTES // per_block)
+    eye = torch.eye(rank, dtype=torch.float64, device=finv.device) * num_grads
     with no_tf32():
-        for i in range(g.shape[0]):
-            gi = g[i]
-            u = torch.bmm(finv, gi.unsqueeze(-1)).squeeze(-1)
-            denom = num_grads + (gi * u).sum(-1)
-            finv.baddbmm_(u.unsqueeze(-1), (u / denom.unsqueeze(-1)).unsqueeze(-2), alpha=-1.0)
+        for s in range(0, nb, step):
+            h = finv[s : s + step].to(torch.float64, copy=True)
+            for i in range(0, k_all, rank):
+                g = g_all[i : i + rank, s : s + step].to(torch.float64).permute(1, 2, 0)  # (blocks, B, k)
+                u = torch.bmm(h, g)
+                kk = g.shape[2]
+                chol, info = torch.linalg.cholesky_ex(torch.baddbmm(eye[:kk, :kk], g.transpose(1, 2), u))
+                v = torch.linalg.solve_triangular(chol, u.transpose(1, 2), upper=False).transpose(1, 2)
+                h.baddbmm_(v, v.transpose(1, 2), alpha=-1.0)
+                h.masked_fill_((info != 0).view(-1, 1, 1), float("nan"))
+            finv[s : s + step].copy_((h + h.transpose(1, 2)) * 0.5)  # exactly symmetric, whatever the GEMM did
 
 
 GRAM_PIECE_BYTES = 256 << 20  # largest float64 copy of a gradient chunk made at once

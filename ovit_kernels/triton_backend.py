@@ -61,8 +61,8 @@ def _woodbury_kernel(h_ptr, g_ptr, k, n, b, m, BP: tl.constexpr):
         g = tl.load(gbase + i * n + r, mask=valid, other=0.0).to(h.dtype)
         u = tl.sum(h * g[None, :], axis=1)
         denom = m + tl.sum(g * u, axis=0)
-        v = u / denom
-        h = h - u[:, None] * v[None, :]
+        v = u / tl.sqrt(denom)  # H -= v vᵀ: the same product on both sides, so H stays symmetric
+        h = h - v[:, None] * v[None, :]
     tl.store(hp, h, mask=tile)
 
 

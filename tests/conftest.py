@@ -1,8 +1,11 @@
 """Test configuration: Triton kernels run through the interpreter on CPU (set before any
 ``triton.jit`` decorates a kernel); CUDA tests skip where there is no GPU."""
 
+import math
 import os
+import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OVIT_POISON", "1")
 os.environ.pop("OVIT_BACKEND", None)
@@ -67,3 +70,47 @@ def elimination_inputs(nb: int, b: int, variant: str, gen: torch.Generator):
         mask[nb - 1, 0] = True
         mask[0, b // 2] = True
     return w, h, mask, ((2, 4) if "nm" in variant else None)
+
+
+def conditioned_gradients(nb: int, b: int, m: int, cond: float, gen: torch.Generator) -> torch.Tensor:
+    """(m, nb·b) float64 gradients whose blocks' Fisher (1/m) Σ g gᵀ has eigenvalues spread
+    over [1/cond, 1] (for m >= b), in a random basis per block."""
+    q, _ = torch.linalg.qr(torch.randn(nb, b, b, generator=gen, dtype=torch.float64))
+    ev = torch.logspace(0, -math.log10(cond), b, dtype=torch.float64)
+    z = torch.randn(nb, m, b, generator=gen, dtype=torch.float64)
+    return ((z * ev.sqrt()) @ q.transpose(1, 2)).permute(1, 0, 2).reshape(m, nb * b)
+
+
+def lambda_max(g: torch.Tensor, b: int) -> float:
+    """The largest eigenvalue of any block's (1/m) Σ g gᵀ."""
+    m = g.shape[0]
+    gb = g.view(m, -1, b)
+    return float(torch.linalg.eigvalsh(torch.einsum("kni,knj->nij", gb, gb) / m).max())
+
+
+def woodbury_accuracy_problems(b: int, gen: torch.Generator, nb: int = 2):
+    """Problems on which float32 streaming Woodbury loses digits (λ/λ_max ∈ {1e-6, 1e-4}, m/B ∈
+    {2, 6}, cond(F) ∈ {5, 1e3}): yields (grads (m, nb·b) float64, λ, exact float64 inverse)."""
+    for ratio in (1e-6, 1e-4):
+        for mb in (2, 6):
+            for cond in (5.0, 1e3):
+                g = conditioned_gradients(nb, b, mb * b, cond, gen)
+                lam = ratio * lambda_max(g, b)
+                m = g.shape[0]
+                gb = g.view(m, nb, b)
+                f = torch.einsum("kni,knj->nij", gb, gb) / m + lam * torch.eye(b, dtype=torch.float64)
+                yield g, lam, torch.linalg.inv(f)
+
+
+def diag_rel_err(h: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest relative error on the diagonals (NaN counts as infinite)."""
+    e = (h.double().cpu().diagonal(dim1=1, dim2=2) / ref.diagonal(dim1=1, dim2=2) - 1).abs()
+    return float("inf") if bool(torch.isnan(e).any()) else float(e.max())
+
+
+def original_woodbury_fp32(g: torch.Tensor, b: int, lam: float) -> torch.Tensor:
+    """The original code's float32 path: H = I/λ, then per gradient u = H g, v = u/√(m + gᵀu),
+    H -= v vᵀ (``bench/baselines.py``)."""
+    from baselines import fisher_rank_one
+
+    return fisher_rank_one(g.float(), b, lam, g.shape[0])

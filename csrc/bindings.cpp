@@ -259,6 +259,15 @@ int spmm_bitmap_tile(int64_t K, int64_t device) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ovit-kernels CUDA kernels (fused Woodbury, greedy OBS elimination, replay, damped inverse)";
   m.def("max_block_size", &ovit::max_block_size, "largest block size held on chip", py::arg("fp64"));
+  m.def(
+      "block_layout",
+      [](int B, bool fp64) {
+        int threads = 0;
+        int c = ovit::block_layout(B, fp64, &threads);
+        return std::make_pair(c, threads);
+      },
+      "(columns per lane of the register tile, 0 = packed shared memory, -1 = too large; threads per block)",
+      py::arg("B"), py::arg("fp64"));
   m.def("woodbury_update_", &woodbury_update, "fused streaming Sherman-Morrison updates, in place",
         py::arg("finv"), py::arg("grads"), py::arg("num_grads"));
   m.def("obs_prune_order", &obs_prune_order, "greedy OBS elimination into (order, loss, bad)", py::arg("w"),

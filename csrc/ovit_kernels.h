@@ -12,6 +12,12 @@ namespace ovit {
 // (fp32) / 128 (fp64), packed-symmetric shared memory beyond, up to 256 (fp32) / 192 (fp64).
 int max_block_size(bool fp64);
 
+// How the Fisher/OBS kernels hold a block of size B in a state of this precision: the columns
+// per lane C of the register tile (tile.cuh), 0 for the packed shared-memory kernels
+// (packed.cu), -1 beyond both. *threads (if not null) gets the thread-block size. The damped
+// inverse computes in float64 whatever its output: ask with fp64 = true for it.
+int block_layout(int B, bool fp64, int* threads);
+
 // finv (nb, B, B) in place; grads (k, N) row-major with N = nb * B; num_grads = m.
 template <typename T, typename G>
 cudaError_t launch_woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N,

@@ -12,7 +12,7 @@ namespace ovit {
 
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = kPackedThreads;
 constexpr int kWarps = kThreads / 32;
 
 __device__ __forceinline__ int rowoff(int i, int B) { return i * B - (i * (i - 1)) / 2; }

@@ -11,6 +11,7 @@ constexpr int kRegMaxFp32 = 192;   // register tile limit (tile.cuh, C = 48)
 constexpr int kRegMaxFp64 = 128;   // register tile limit (C = 32)
 constexpr int kPackedMaxFp32 = 256;
 constexpr int kPackedMaxFp64 = 192;
+constexpr int kPackedThreads = 512;  // threads per block of the packed kernels
 
 template <typename T>
 size_t packed_smem_bytes(int B);

@@ -84,6 +84,19 @@ cudaError_t launch_c(T* finv, const G* grads, int64_t nb, int B, int64_t k, int6
 
 int max_block_size(bool fp64) { return fp64 ? kPackedMaxFp64 : kPackedMaxFp32; }
 
+int block_layout(int B, bool fp64, int* threads) {
+  int c = -1, t = 0;
+  if (B >= 1 && B <= (fp64 ? kRegMaxFp64 : kRegMaxFp32)) {
+    c = cols_per_lane(B);
+    t = threads_for(B);
+  } else if (B >= 1 && B <= max_block_size(fp64)) {
+    c = 0;
+    t = kPackedThreads;
+  }
+  if (threads != nullptr) *threads = t;
+  return c;
+}
+
 template <typename T, typename G>
 cudaError_t launch_woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N,
                                    double num_grads, cudaStream_t stream) {

@@ -1,21 +1,24 @@
 """CUDA backend: the kernels of ``csrc/`` (module ``ovit_kernels._C``), registered as
 ``torch.library`` custom ops with fake kernels so they trace under ``torch.compile``.
 
-Ops without a dedicated kernel here use device-side PyTorch: the Gram accumulation is a
-batched float64 cuBLAS GEMM (``torch.baddbmm``), ``prune_counts`` a device sort, and the
-cheap per-entry ``obs_scores`` / ``obs_update_independent`` batched element-wise ops; sparse
-products other than 2:4 run the Triton kernels.
+It runs its own kernels only: the streaming Woodbury update, the damped inverse, the greedy
+elimination and its replay (register tiles up to B = 192 in float32 / 128 in float64, packed
+shared memory up to 256 / 192), the 2:4 product on sparse tensor cores (fp16/bf16,
+in_features % 32 == 0) and the bitmap product (fp16/bf16, in_features % 64 == 0, a 16-byte
+aligned x, a weight tile that fits shared memory, unless ``OVIT_SPMM_BITMAP=triton``).
+``supports`` says why anything else is not for it; the dispatcher then raises (explicit
+``backend="cuda"``) or moves on to the next backend (``"auto"``). The Gram accumulation and the
+global selection are the shared device-side implementations (``_backend.SHARED_OPS``).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
 from . import _alloc, reference
-from ._backend import BackendStatus
+from ._backend import BackendStatus, Case
 
 try:
     from . import _C  # type: ignore[attr-defined]
@@ -24,6 +27,8 @@ except ImportError as e:  # the backend selector reports this as the reason cuda
 
 MAX_BLOCK_FP32 = _C.max_block_size(False)
 MAX_BLOCK_FP64 = _C.max_block_size(True)
+DEVICES = ("cuda",)
+_FISHER_OPS = ("woodbury_update_", "gram_inverse", "obs_prune_order", "obs_reconstruct")
 
 
 def status() -> BackendStatus:
@@ -32,24 +37,39 @@ def status() -> BackendStatus:
     return BackendStatus(True, f"ovit_kernels._C on {torch.cuda.get_device_name()}")
 
 
-def supports(op: str, block: int | None) -> str | None:
-    if block is not None and block > MAX_BLOCK_FP32 and op in _KERNEL_OPS:
-        return (
-            f"the CUDA kernels hold blocks up to {MAX_BLOCK_FP32} (float32) / {MAX_BLOCK_FP64} (float64), got {block}"
-        )
+def _fp64_arith(case: Case) -> bool:
+    """The damped inverse computes in float64 whatever its output dtype."""
+    return case.op == "gram_inverse" or case.dtype == torch.float64
+
+
+def supports(case: Case) -> str | None:
+    """None if the CUDA kernels run ``case``, else why not."""
+    if case.op in _FISHER_OPS:
+        if case.dtype not in (torch.float32, torch.float64):
+            return f"the CUDA kernels take float32 or float64 states, got {case.dtype}"
+        fp64 = _fp64_arith(case)
+        lim = MAX_BLOCK_FP64 if fp64 else MAX_BLOCK_FP32
+        if case.block is None or case.block > lim:
+            what = "float64 (the damped inverse computes in float64)" if case.op == "gram_inverse" else str(case.dtype)
+            return f"the CUDA kernels hold blocks up to {lim} in {what.replace('torch.', '')}, got B = {case.block}"
+        return None
+    if case.op == "spmm":
+        return _spmm_supports(case)
     return None
 
 
-def _fits(block: int, dtype: torch.dtype, op: str) -> bool:
-    lim = MAX_BLOCK_FP64 if dtype == torch.float64 else MAX_BLOCK_FP32
-    if block <= lim:
-        return True
-    warnings.warn(
-        f"{op}: block size {block} in {dtype} exceeds the CUDA kernels' on-chip limit {lim}; "
-        "running the reference implementation",
-        stacklevel=3,
-    )
-    return False
+def launch_config(case: Case) -> str:
+    """The kernel instance ``case`` launches: register-tile width or packed, threads per block."""
+    if case.op == "spmm":
+        s = case.spmm
+        assert s is not None
+        if s.format == "nm":
+            return f"2:4 mma.sp, {_spmm24_name(s)}"
+        return f"bitmap, {_C.spmm_bitmap_tile(s.in_features, case.device.index or 0)}-row weight tile in shared memory"
+    cols, threads = _C.block_layout(case.block, _fp64_arith(case))
+    if cols > 0:
+        return f"register tile, {cols} columns per lane, {threads} threads"
+    return f"packed triangle in shared memory, {threads} threads"
 
 
 # --- custom ops ------------------------------------------------------------------------------
@@ -125,8 +145,6 @@ def _(gram, inv_m, damp, relative, out_fp64):
 
 
 def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
-    if not _fits(finv.shape[1], finv.dtype, "woodbury_update_"):
-        return reference.woodbury_update_(finv, grads, num_grads)
     if finv.dtype == torch.float32 or grads.dtype not in (torch.float32, torch.float64):
         grads = grads.to(finv.dtype if finv.dtype == torch.float32 else torch.float32)
     _woodbury_op(finv, grads.contiguous(), num_grads)
@@ -135,8 +153,6 @@ def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) 
 def gram_inverse(
     gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not _fits(gram.shape[1], torch.float64, "gram_inverse"):
-        return reference.gram_inverse(gram, num_grads, damp, damp_mode, out_dtype)
     out, ok = _damped_inverse_op(
         gram.contiguous(), 1.0 / num_grads, damp, damp_mode == "relative", out_dtype == torch.float64
     )
@@ -146,8 +162,6 @@ def gram_inverse(
 def obs_prune_order(
     w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not _fits(w.shape[1], finv.dtype, "obs_prune_order"):
-        return reference.obs_prune_order(w, finv, mask, nm)
     steps = reference.prune_steps(w.shape[1], nm)
     n, m = nm if nm is not None else (0, 0)
     m8 = None if mask is None else mask.contiguous().view(torch.uint8)
@@ -158,8 +172,6 @@ def obs_prune_order(
 def obs_reconstruct(
     w: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not _fits(w.shape[1], finv.dtype, "obs_reconstruct"):
-        return reference.obs_reconstruct(w, finv, order, counts)
     w_out, pruned, bad = _reconstruct_op(
         w.to(finv.dtype).contiguous(),
         finv.contiguous(),
@@ -182,51 +194,63 @@ def spmm24_variant() -> int:
     return SPMM24_VARIANTS[name]
 
 
-def _bitmap_on_cuda(x: torch.Tensor, p) -> bool:
-    """The CUDA bitmap kernel takes the layer (fp16/bf16, in % 64 == 0, an aligned x, a weight
-    tile that fits shared memory) unless ``OVIT_SPMM_BITMAP=triton``."""
+def _spmm24_name(s) -> str:
+    v = spmm24_variant()
+    if v == 0:
+        v = 2 if s.in_features % 64 == 0 and s.tokens >= 256 else 1
+    return {1: "simple kernel", 2: "pipelined kernel, 128-token tiles", 3: "pipelined kernel, 256-token tiles"}[v]
+
+
+def _bitmap_choice() -> str:
     choice = os.environ.get("OVIT_SPMM_BITMAP", "cuda")
     if choice not in ("cuda", "triton"):
         raise ValueError(f"OVIT_SPMM_BITMAP must be 'cuda' or 'triton', got {choice!r}")
-    return (
-        choice == "cuda"
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and p.in_features % 64 == 0
-        and x.data_ptr() % 16 == 0
-        and _C.spmm_bitmap_tile(p.in_features, x.device.index or 0) > 0
-    )
+    return choice
+
+
+def _spmm_supports(case: Case) -> str | None:
+    s = case.spmm
+    assert s is not None
+    if case.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA sparse kernels take float16/bfloat16 activations, got {case.dtype}"
+    if s.format == "nm":
+        if (s.n, s.m) != (2, 4) or not s.has_meta:
+            return f"the CUDA N:M kernel is 2:4 on sparse tensor cores with in_features % 32 == 0, got {s.n}:{s.m}"
+        if spmm24_variant() in (2, 3) and (s.in_features % 64 or not s.x_aligned):
+            return (
+                "OVIT_SPMM24 asks for the pipelined 2:4 kernel, which needs in_features % 64 == 0 and a 16-byte "
+                f"aligned x (got in_features = {s.in_features}, x {'' if s.x_aligned else 'not '}aligned)"
+            )
+        return None
+    if s.format == "bitmap":
+        if _bitmap_choice() == "triton":
+            return "OVIT_SPMM_BITMAP=triton gives bitmap products to the Triton kernel"
+        if s.in_features % 64:
+            return f"the CUDA bitmap kernel needs in_features % 64 == 0, got {s.in_features}"
+        if not s.x_aligned:
+            return "the CUDA bitmap kernel needs a 16-byte aligned x"
+        if _C.spmm_bitmap_tile(s.in_features, case.device.index or 0) <= 0:
+            return f"a bitmap weight tile of in_features = {s.in_features} does not fit this card's shared memory"
+        return None
+    return f"the CUDA backend has no {s.format} kernel (the Triton backend has one)"
 
 
 def spmm(x: torch.Tensor, p, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-    """2:4 on sparse tensor cores (fp16/bf16, in % 32 == 0) and bitmap with the weight tile
-    decompressed into shared memory (fp16/bf16, in % 64 == 0); everything else runs the
-    Triton kernels (or the reference where Triton is missing)."""
-    if p.format == "nm" and p.c.numel() and x.dtype in (torch.float16, torch.bfloat16):
-        out = _alloc.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
+    """2:4 on sparse tensor cores, or bitmap with the weight tile decompressed into shared
+    memory (what ``supports`` admitted)."""
+    out = _alloc.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
+    if p.format == "nm":
         _C.spmm_24(x, p.a, p.c, bias, out, activation == "gelu", spmm24_variant())
         return out
-    if p.format == "bitmap" and _bitmap_on_cuda(x, p):
-        out = _alloc.empty(x.shape[0], p.out_features, dtype=x.dtype, device=x.device)
-        vals = p.c if p.c.numel() else torch.zeros(1, dtype=x.dtype, device=x.device)
-        _C.spmm_bitmap(x, p.a, p.b, vals, bias, out, activation == "gelu")
-        return out
-    try:
-        from . import triton_spmm
-    except ImportError:
-        return reference.spmm(x, p, bias, activation)
-    return triton_spmm.spmm(x, p, bias, activation)
+    vals = p.c if p.c.numel() else torch.zeros(1, dtype=x.dtype, device=x.device)
+    _C.spmm_bitmap(x, p.a, p.b, vals, bias, out, activation == "gelu")
+    return out
 
-
-_KERNEL_OPS = ("woodbury_update_", "gram_inverse", "obs_prune_order", "obs_reconstruct")
 
 OPS = {
     "spmm": spmm,
     "woodbury_update_": woodbury_update_,
-    "gram_update_": reference.gram_update_,
     "gram_inverse": gram_inverse,
-    "obs_scores": reference.obs_scores,
-    "obs_update_independent": reference.obs_update_independent,
     "obs_prune_order": obs_prune_order,
-    "prune_counts": reference.prune_counts,
     "obs_reconstruct": obs_reconstruct,
 }

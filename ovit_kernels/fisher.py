@@ -78,6 +78,12 @@ def _pick_method(method: str, damp_mode: str, num_grads: int | None, block: int,
     return "gram"
 
 
+def _woodbury_case(finv: torch.Tensor, grads: torch.Tensor) -> _backend.Case:
+    """A float64 state updated with lower-precision gradients is a kernel instance of its own."""
+    variant = "grads=float32" if finv.dtype == torch.float64 and grads.dtype != torch.float64 else ""
+    return _backend.Case("woodbury_update_", finv.device, finv.dtype, finv.shape[1], variant)
+
+
 class FisherInverse:
     """Streaming accumulator of the blockwise empirical Fisher inverse of one flat tensor.
 
@@ -184,10 +190,11 @@ class FisherInverse:
             chunk = chunk[:, start * self.block_size : stop * self.block_size]
         chunk = chunk.contiguous()
         if self.method == "woodbury":
-            _, fn = _backend.implementation("woodbury_update_", self.device, self.backend, self.block_size)
+            _, fn = _backend.implementation(_woodbury_case(self._state, chunk), self.backend)
             fn(self._state, chunk, float(self.num_grads))
         else:
-            _, fn = _backend.implementation("gram_update_", self.device, self.backend, self.block_size)
+            case = _backend.Case("gram_update_", self.device, torch.float64, self.block_size)
+            _, fn = _backend.implementation(case, self.backend)
             fn(self._state, chunk)
         self.seen += chunk.shape[0]
 
@@ -213,7 +220,9 @@ class FisherInverse:
             ok = torch.isfinite(finv).all(dim=(1, 2)) & (diag > 0).all(dim=1)
             hint = "try method='gram', dtype=torch.float64 or a larger damp"
         else:
-            _, fn = _backend.implementation("gram_inverse", self.device, self.backend, self.block_size)
+            variant = "relative" if self.damp_mode == "relative" else ""
+            case = _backend.Case("gram_inverse", self.device, self.dtype, self.block_size, variant)
+            _, fn = _backend.implementation(case, self.backend)
             finv, ok = fn(self._state, m, self.damp, self.damp_mode, self.dtype)
             hint = "the damped Fisher failed its float64 Cholesky factorisation; use a larger damp"
         bad = (~ok).nonzero().flatten().tolist()
@@ -318,8 +327,8 @@ def woodbury_update_(
         raise ValueError("finv must be contiguous to be updated in place")
     if not num_grads > 0:
         raise ValueError(f"num_grads must be positive, got {num_grads!r}")
-    dev = _checks.same_device(finv=finv, grads=grads)
+    _checks.same_device(finv=finv, grads=grads)
     _checks.finite("grads", grads)
-    _, fn = _backend.implementation("woodbury_update_", dev, backend, b)
+    _, fn = _backend.implementation(_woodbury_case(finv, grads), backend)
     fn(finv, grads.contiguous(), float(num_grads))
     return finv

@@ -44,7 +44,7 @@ def obs_scores(w_blocks: torch.Tensor, finv: torch.Tensor, *, backend: str | Non
     """
     _, b = _checks.blocks_and_finv(w_blocks, finv)
     _positive_diag(finv, whole=False)  # the saliencies read only the diagonal
-    _, fn = _backend.implementation("obs_scores", finv.device, backend, b)
+    _, fn = _backend.implementation(_backend.Case("obs_scores", finv.device, finv.dtype, b), backend)
     return fn(w_blocks, finv)
 
 
@@ -64,7 +64,8 @@ def obs_update_independent(
     nb, b = _checks.blocks_and_finv(w_blocks, finv)
     _checks.bool_mask("prune_mask", prune_mask, (nb, b), finv.device)
     _positive_diag(finv)
-    _, fn = _backend.implementation("obs_update_independent", finv.device, backend, b)
+    case = _backend.Case("obs_update_independent", finv.device, finv.dtype, b)
+    _, fn = _backend.implementation(case, backend)
     return fn(w_blocks, finv, prune_mask)
 
 
@@ -116,12 +117,14 @@ def obs_prune_order(
             raise ValueError(f"mask already prunes more than {m - n} of {m} entries in some N:M group")
     _checks.finite("w_blocks", w_blocks)
     _positive_diag(finv)
-    _, fn = _backend.implementation("obs_prune_order", finv.device, backend, b)
+    variant = "+".join(v for v in ("mask" if mask is not None else "", f"nm={nm[0]}:{nm[1]}" if nm else "") if v)
+    _, fn = _backend.implementation(_backend.Case("obs_prune_order", finv.device, finv.dtype, b, variant), backend)
     order, loss, bad = fn(w_blocks, finv, mask, nm)
 
     def run64(idx: torch.Tensor) -> torch.Tensor:
         sub_mask = None if mask is None else mask[idx]
-        o, ls, bd = fn(w_blocks[idx], finv[idx].double(), sub_mask, nm)
+        case64 = _backend.Case("obs_prune_order", finv.device, torch.float64, b, variant)
+        o, ls, bd = _backend.implementation(case64, backend)[1](w_blocks[idx], finv[idx].double(), sub_mask, nm)
         order[idx] = o.to(order.dtype)
         loss[idx] = ls.to(loss.dtype)
         return ~bd
@@ -176,7 +179,7 @@ def prune_counts(
                 raise ValueError(f"exclude[{i}] is on {e.device}, losses on {dev}")
             if bool(((e < 0) | (e > loss.shape[1])).any()):
                 raise ValueError(f"exclude[{i}] must lie in [0, {loss.shape[1]}]")
-    _, fn = _backend.implementation("prune_counts", dev, backend)
+    _, fn = _backend.implementation(_backend.Case("prune_counts", dev), backend)
     out = fn(layers, s, excl)
     return out[0] if single else out
 
@@ -223,11 +226,12 @@ def obs_reconstruct(
         raise ValueError(f"counts must lie in [0, {order.shape[1]}]")
     _checks.finite("w_blocks", w_blocks)
     _positive_diag(finv)
-    _, fn = _backend.implementation("obs_reconstruct", finv.device, backend, b)
+    _, fn = _backend.implementation(_backend.Case("obs_reconstruct", finv.device, finv.dtype, b), backend)
     w_new, keep, bad = fn(w_blocks, finv, order, counts)
 
     def run64(idx: torch.Tensor) -> torch.Tensor:
-        wn, kp, bd = fn(w_blocks[idx], finv[idx].double(), order[idx], counts[idx])
+        fn64 = _backend.implementation(_backend.Case("obs_reconstruct", finv.device, torch.float64, b), backend)[1]
+        wn, kp, bd = fn64(w_blocks[idx], finv[idx].double(), order[idx], counts[idx])
         w_new[idx] = wn.to(w_new.dtype)
         keep[idx] = kp
         return ~bd

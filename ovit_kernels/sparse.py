@@ -60,7 +60,12 @@ def spmm(
     _check_x(x, packed, bias, activation)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, packed.in_features).contiguous()
-    _, fn = _backend.implementation("spmm", x.device, backend)
+    p = packed
+    info = _backend.SpmmCase(
+        p.format, p.n, p.m, p.bm, p.bn, p.in_features, p.out_features, x2.shape[0],
+        p.format == "nm" and p.c.numel() > 0, x2.data_ptr() % 16 == 0, bias is not None, activation,
+    )  # fmt: skip
+    _, fn = _backend.implementation(_backend.Case("spmm", x.device, x.dtype, spmm=info), backend)
     return fn(x2, packed, bias, activation).view(*lead, packed.out_features)
 
 

@@ -5,7 +5,7 @@ Blocks of size B are padded to a power-of-two tile BP (masked), up to ``MAX_BLOC
 the CUDA backend (shared memory) or the reference. Under ``TRITON_INTERPRET=1`` the same
 kernels run on CPU tensors, which is how CI tests them.
 
-The Gram accumulation uses batched GEMMs (cuBLAS through ``torch.baddbmm``, float64); the
+The Gram accumulation is the shared batched float64 GEMM (``_backend.SHARED_OPS``); the
 inverse of λI + G/m is one fused kernel per block (Gauss–Jordan sweep in float64, whose
 pivots are positive exactly when the block is positive definite).
 """
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import _alloc, reference, triton_spmm
-from ._backend import BackendStatus, triton_interpret
+from ._backend import BackendStatus, Case, triton_interpret
 
 MAX_BLOCK = 128
 
@@ -29,10 +29,26 @@ def status() -> BackendStatus:
     return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)")
 
 
-def supports(op: str, block: int | None) -> str | None:
-    if block is not None and block > MAX_BLOCK and op not in ("prune_counts", "gram_update_"):
-        return f"triton tiles hold blocks up to {MAX_BLOCK}, got B = {block}"
+def DEVICES() -> tuple[str, ...]:  # noqa: N802 - the backend interface's name
+    """CUDA tensors; CPU tensors too under the interpreter."""
+    return ("cuda", "cpu") if triton_interpret() else ("cuda",)
+
+
+def supports(case: Case) -> str | None:
+    """None if the Triton kernels run ``case``, else why not."""
+    if case.block is not None and case.block > MAX_BLOCK:
+        return f"triton tiles hold blocks up to {MAX_BLOCK}, got B = {case.block}"
+    if case.spmm is not None:
+        return triton_spmm.supports(case.spmm)
     return None
+
+
+def launch_config(case: Case) -> str:
+    """The tile and warps a Fisher/OBS kernel launches with (the spmm kernels autotune)."""
+    if case.spmm is not None:
+        return triton_spmm.launch_config(case.spmm)
+    bp = _tile(case.block)
+    return f"one program per block, {bp}x{bp} tile, {_warps(bp)} warps"
 
 
 def _tile(b: int) -> int:
@@ -320,11 +336,9 @@ def obs_reconstruct(
 OPS = {
     "spmm": triton_spmm.spmm,
     "woodbury_update_": woodbury_update_,
-    "gram_update_": reference.gram_update_,
     "gram_inverse": gram_inverse,
     "obs_scores": obs_scores,
     "obs_update_independent": obs_update_independent,
     "obs_prune_order": obs_prune_order,
-    "prune_counts": reference.prune_counts,
     "obs_reconstruct": obs_reconstruct,
 }

@@ -191,6 +191,21 @@ def _tile(v: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(v)))
 
 
+def supports(case) -> str | None:
+    """None if these kernels run the product ``case`` (a ``_backend.SpmmCase``), else why not."""
+    if case.format == "bsr" and (case.bm < 16 or case.bn < 16 or case.bm & (case.bm - 1) or case.bn & (case.bn - 1)):
+        return f"the triton BSR kernel needs power-of-two blocks >= 16, got ({case.bm}, {case.bn})"
+    return None
+
+
+def launch_config(case) -> str:
+    """Which kernel and tile a product runs with (autotuned tiles are chosen at the first call)."""
+    kind = "block-sparse" if case.format == "bsr" else "decompress-on-chip"
+    if _AUTOTUNE:
+        return f"{kind} kernel, autotuned tiles"
+    return f"{kind} kernel, {_tile(case.tokens)}-token tiles"
+
+
 def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     """x (M, K) → (M, N) in x's dtype."""
     m_tok, k = x.shape
@@ -201,8 +216,6 @@ def spmm(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None, activation
     bm = _tile(m_tok)
     gelu = activation == "gelu"
     if p.format == "bsr":
-        if p.bm < 16 or p.bn < 16 or p.bm & (p.bm - 1) or p.bn & (p.bn - 1):
-            raise ValueError(f"the triton BSR kernel needs power-of-two blocks >= 16, got ({p.bm}, {p.bn})")
         bsr_args = (x, out, bias_t, p.a, p.b, p.c, m_tok, n, k, x.stride(0), out.stride(0))
         bsr_flags = dict(HAS_BIAS=bias is not None, GELU=gelu, IEEE=ieee, BLK_M=p.bm, BLK_N=p.bn)
         if _AUTOTUNE:

@@ -19,6 +19,61 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
 
 
+@pytest.fixture(scope="session")
+def emu_lib(tmp_path_factory):
+    """The CUDA kernel sources built as host C++ against the SIMT emulator (tests/emu)."""
+    from emu.emulator import build
+
+    lib = build(str(tmp_path_factory.mktemp("emu")))
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    return lib
+
+
+_emulated_cuda_module = None
+
+
+@pytest.fixture
+def emulated_cuda(emu_lib, monkeypatch):
+    """``ovit_kernels.cuda_backend`` over the emulated ``_C`` (tests/emu/emulator.py), accepting
+    CPU tensors for the duration of the test: its custom ops, dispatch rules and self-check run
+    with every kernel emulated. Skips where the real extension is built (the GPU tests cover it)."""
+    global _emulated_cuda_module
+    import importlib
+
+    from ovit_kernels import _backend
+
+    if _emulated_cuda_module is None:
+        try:
+            importlib.import_module("ovit_kernels._C")
+            pytest.skip("the real CUDA extension is built here: the GPU tests cover the cuda backend")
+        except ImportError:
+            pass
+        from emu.emulator import EmulatedC
+
+        import ovit_kernels
+
+        shim = EmulatedC(emu_lib)
+        sys.modules["ovit_kernels._C"] = shim
+        ovit_kernels._C = shim
+        _backend._cache.pop("cuda", None)
+        try:
+            mod = _backend._load("cuda")
+        finally:  # later imports see the real state again: no extension built
+            del sys.modules["ovit_kernels._C"]
+            del ovit_kernels._C
+            sys.modules.pop("ovit_kernels.cuda_backend", None)
+            ovit_kernels.__dict__.pop("cuda_backend", None)
+            _backend._cache.pop("cuda", None)
+        assert not isinstance(mod, str), mod
+        _emulated_cuda_module = mod
+    mod = _emulated_cuda_module
+    monkeypatch.setitem(_backend._cache, "cuda", mod)
+    monkeypatch.setattr(mod, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mod, "status", lambda: _backend.BackendStatus(True, "ovit_kernels._C over the SIMT emulator"))
+    return mod
+
+
 @pytest.fixture
 def gen():
     """A seeded generator: every test draws fresh but reproducible random inputs."""

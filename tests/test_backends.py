@@ -16,6 +16,7 @@ from conftest import (
 )
 
 import ovit_kernels as ok
+from ovit_kernels import _backend
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -24,45 +25,58 @@ def _cuda_ready() -> bool:
     return HAS_CUDA and ok.available_backends()["cuda"].available
 
 
-BACKENDS = [
-    pytest.param("triton", id="triton"),
-    pytest.param(
-        "cuda", id="cuda", marks=pytest.mark.skipif(not _cuda_ready(), reason="needs a GPU and ovit_kernels._C")
-    ),
-]
+@pytest.fixture(params=["triton", "cuda", "cuda-emulated"])
+def backend(request):
+    """Each kernel backend: Triton (interpreter on a CPU), CUDA on a GPU, and on a CPU the CUDA
+    backend with its kernels emulated (tests/emu)."""
+    if request.param == "cuda" and not _cuda_ready():
+        pytest.skip("needs a GPU and ovit_kernels._C")
+    if request.param == "cuda-emulated":
+        if HAS_CUDA:
+            pytest.skip("a GPU is here: the cuda tests run the real kernels")
+        request.getfixturevalue("emulated_cuda")
+        if "b" in request.fixturenames and request.getfixturevalue("b") > 64:
+            pytest.skip("large blocks on the emulator: tests/test_cuda_emulated.py runs them")
+        return "cuda"
+    return request.param
+
+
 SHAPES = [(3, 5), (1, 12), (2, 16), (3, 24)]
 # On a GPU the CUDA backend also runs blocks past the register tile (packed shared memory):
-# 150 (fp32 register tile, fp64 packed), 200 and 256 (fp32 packed; fp64 256 falls back).
+# 150 (fp32 register tile, fp64 packed), 200 and 256 (fp32 packed; fp64 256 is refused).
 BIG = [
     pytest.param(nb, b, marks=pytest.mark.skipif(not _cuda_ready(), reason="CUDA-only sizes"))
     for nb, b in [(2, 150), (1, 200), (1, 256)]
 ]
 
 
-def skip_unsupported(backend: str, b: int) -> None:
-    if backend == "triton" and b > 128:
-        pytest.skip("Triton tiles hold blocks up to 128")
+def refusal(backend: str, op: str, dtype: torch.dtype, b: int) -> str | None:
+    """Why ``backend`` does not run ``op`` at this dtype and block size (None if it does): the
+    tests then check that it raises instead of handing the work to other code."""
+    fn, why = _backend.candidate(backend, _backend.Case(op, torch.device(device_for(backend)), dtype, b))
+    return None if fn is not None else why
 
 
 def device_for(backend: str) -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("nb,b", SHAPES + BIG)
 def test_woodbury_update_matches_reference(backend, dtype, nb, b, gen):
-    skip_unsupported(backend, b)
     dev = device_for(backend)
     g = torch.randn(7, nb * b, generator=gen, dtype=torch.float64)
     h0 = torch.eye(b, dtype=torch.float64).repeat(nb, 1, 1) * 10
+    if refusal(backend, "woodbury_update_", dtype, b):
+        with pytest.raises(ok.BackendUnavailableError):
+            ok.woodbury_update_(h0.to(dtype).to(dev), g.to(dtype).to(dev), 7, backend=backend)
+        return
     ref = ok.woodbury_update_(h0.clone(), g, 7, backend="reference")
     out = ok.woodbury_update_(h0.to(dtype).to(dev), g.to(dtype).to(dev), 7, backend=backend)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_woodbury_kernel_keeps_the_original_accuracy(backend, gen):
     """The kernels apply v = u/√(m + gᵀu), H -= v vᵀ, the original code's float32 arithmetic: the
     state stays exactly symmetric (u (u/denom)ᵀ drifted by ~1e-4) and the diagonal error stays
@@ -78,25 +92,30 @@ def test_float32_woodbury_kernel_keeps_the_original_accuracy(backend, gen):
         assert ours <= 3 * orig + 1e-6, (lam, m, ours, orig)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["woodbury", "gram"])
 @pytest.mark.parametrize("damp_mode", ["absolute", "relative"])
 @pytest.mark.parametrize("nb,b", SHAPES + BIG)
 def test_fisher_inverse_matches_reference(backend, method, damp_mode, nb, b, gen):
-    skip_unsupported(backend, b)
     if method == "woodbury" and damp_mode == "relative":
         pytest.skip("relative damping is a Gram-only mode")
     dev = device_for(backend)
     g = torch.randn(2 * b + 1, nb * b, generator=gen, dtype=torch.float64)
     ref = ok.fisher_inverse(g, b, 1e-2, method=method, damp_mode=damp_mode, backend="reference")
-    out = ok.fisher_inverse(g.to(dev), b, 1e-2, method=method, damp_mode=damp_mode, backend=backend)
-    torch.testing.assert_close(out.cpu(), ref, rtol=1e-9, atol=1e-9)
-    out32 = ok.fisher_inverse(g.float().to(dev), b, 1e-2, method=method, damp_mode=damp_mode, backend=backend)
-    rel = (out32.double().cpu().diagonal(dim1=1, dim2=2) / ref.diagonal(dim1=1, dim2=2) - 1).abs().max()
-    assert rel < 1e-4
+    op = "woodbury_update_" if method == "woodbury" else "gram_inverse"
+    for dtype in (torch.float64, torch.float32):
+        gd = g.to(dtype).to(dev)
+        if refusal(backend, op, dtype, b):
+            with pytest.raises(ok.BackendUnavailableError):
+                ok.fisher_inverse(gd, b, 1e-2, method=method, damp_mode=damp_mode, backend=backend)
+            continue
+        out = ok.fisher_inverse(gd, b, 1e-2, method=method, damp_mode=damp_mode, backend=backend)
+        if dtype == torch.float64:
+            torch.testing.assert_close(out.cpu(), ref, rtol=1e-9, atol=1e-9)
+        else:
+            rel = (out.double().cpu().diagonal(dim1=1, dim2=2) / ref.diagonal(dim1=1, dim2=2) - 1).abs().max()
+            assert rel < 1e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gram_inverse_reports_indefinite_block(backend, gen):
     dev = device_for(backend)
     acc = ok.FisherInverse(24, 12, 1e-3, method="gram", dtype=torch.float64, backend=backend, name="fc")
@@ -106,19 +125,21 @@ def test_gram_inverse_reports_indefinite_block(backend, gen):
         acc.compute()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("nb,b", SHAPES + BIG)
 @pytest.mark.parametrize("variant", ["plain", "mask", "nm", "nm+mask"])
 def test_prune_order_matches_reference(backend, dtype, nb, b, variant, gen):
-    skip_unsupported(backend, b)
     if "nm" in variant and b % 4:
         pytest.skip("N:M needs m | B")
     dev = device_for(backend)
     w, h, mask, nm = elimination_inputs(nb, b, variant, gen)
-    o_ref, l_ref = ok.obs_prune_order(w, h, mask=mask, nm=nm, backend="reference")
     w_d, h_d = w.to(dtype).to(dev), h.to(dtype).to(dev)
     m_d = None if mask is None else mask.to(dev)
+    if refusal(backend, "obs_prune_order", dtype, b):
+        with pytest.raises(ok.BackendUnavailableError):
+            ok.obs_prune_order(w_d, h_d, mask=m_d, nm=nm, backend=backend)
+        return
+    o_ref, l_ref = ok.obs_prune_order(w, h, mask=mask, nm=nm, backend="reference")
     o, loss = ok.obs_prune_order(w_d, h_d, mask=m_d, nm=nm, backend=backend)
     assert o.dtype == torch.int64 and loss.dtype == dtype
     # float32 rounding may reorder near-ties late in a long elimination: compare a prefix there
@@ -130,27 +151,30 @@ def test_prune_order_matches_reference(backend, dtype, nb, b, variant, gen):
     assert torch.equal(w_d.double().cpu(), w.to(dtype).double())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("nb,b", SHAPES + BIG)
 def test_reconstruct_scores_update_match_reference(backend, nb, b, gen):
-    skip_unsupported(backend, b)
     dev = device_for(backend)
     _, h = random_fisher_inverse(nb, b, 3 * b, 0.05, gen)
     w = torch.randn(nb, b, generator=gen, dtype=torch.float64)
     order, loss = ok.obs_prune_order(w, h, backend="reference")
     counts = torch.randint(0, b + 1, (nb,), generator=gen)
-    w_ref, keep_ref = ok.obs_reconstruct(w, h, order, counts, backend="reference")
-    w_k, keep = ok.obs_reconstruct(w.to(dev), h.to(dev), order.to(dev), counts.to(dev), backend=backend)
-    torch.testing.assert_close(w_k.cpu(), w_ref, rtol=1e-10, atol=1e-10)
-    assert torch.equal(keep.cpu(), keep_ref)
-    torch.testing.assert_close(
-        ok.obs_scores(w.to(dev), h.to(dev), backend=backend).cpu(), ok.obs_scores(w, h, backend="reference")
-    )
     mask = torch.rand(nb, b, generator=gen) < 0.5
-    torch.testing.assert_close(
-        ok.obs_update_independent(w.to(dev), h.to(dev), mask.to(dev), backend=backend).cpu(),
-        ok.obs_update_independent(w, h, mask, backend="reference"),
-    )
+    wd, hd = w.to(dev), h.to(dev)
+    calls = {
+        "obs_reconstruct": lambda be: ok.obs_reconstruct(wd, hd, order.to(dev), counts.to(dev), backend=be),
+        "obs_scores": lambda be: (ok.obs_scores(wd, hd, backend=be),),
+        "obs_update_independent": lambda be: (ok.obs_update_independent(wd, hd, mask.to(dev), backend=be),),
+    }
+    for op, call in calls.items():
+        if refusal(backend, op, torch.float64, b):  # e.g. the cuda backend has no kernel for the scores
+            with pytest.raises(ok.BackendUnavailableError):
+                call(backend)
+            continue
+        for got, want in zip(call(backend), call("reference")):
+            if got.dtype == torch.bool:
+                assert torch.equal(got.cpu(), want.cpu())
+            else:
+                torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-10, atol=1e-10)
 
 
 def test_selection_rules(monkeypatch):
@@ -159,21 +183,25 @@ def test_selection_rules(monkeypatch):
     from ovit_kernels import _backend
 
     cpu = torch.device("cpu")
+
+    def resolve(op, backend=None, **kw):
+        return _backend.implementation(_backend.Case(op, cpu, torch.float64, **kw), backend)[0]
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _backend.resolve("obs_scores", cpu) == "reference"
-    assert _backend.resolve("obs_scores", cpu, "triton") == "triton"  # interpreter on
+    assert resolve("obs_scores", block=8) == "reference"
+    assert resolve("obs_scores", "triton", block=8) == "triton"  # interpreter on
     with pytest.raises(ok.BackendUnavailableError, match="cuda"):
-        _backend.resolve("obs_scores", cpu, "cuda")
+        resolve("obs_scores", "cuda", block=8)
     with pytest.raises(ok.BackendUnavailableError, match="up to 128"):
-        _backend.resolve("obs_prune_order", cpu, "triton", block=192)
+        resolve("obs_prune_order", "triton", block=192)
     monkeypatch.setenv("OVIT_BACKEND", "triton")
-    assert _backend.resolve("obs_scores", cpu) == "triton"
-    assert _backend.resolve("obs_scores", cpu, "reference") == "reference"  # argument beats env
+    assert resolve("obs_scores", block=8) == "triton"
+    assert resolve("obs_scores", "reference", block=8) == "reference"  # argument beats env
     monkeypatch.setenv("OVIT_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="OVIT_BACKEND"):
-        _backend.resolve("obs_scores", cpu)
+        resolve("obs_scores", block=8)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("OVIT_BACKEND")
     if not HAS_CUDA:
         with pytest.raises(ok.BackendUnavailableError, match="TRITON_INTERPRET"):
-            _backend.resolve("obs_scores", cpu, "triton")
+            resolve("obs_scores", "triton", block=8)

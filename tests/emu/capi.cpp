@@ -45,6 +45,16 @@ using ovit::launch_woodbury_update;
 OVIT_EMU_TYPED(float, f32)
 OVIT_EMU_TYPED(double, f64)
 
+// A float64 state updated with float32 gradients (the launcher's mixed instance).
+OVIT_EMU_API int emu_woodbury_f64_g32(double* finv, const float* grads, int64_t nb, int B, int64_t k, int64_t N,
+                                      double m) {
+  return launch_woodbury_update<double, float>(finv, grads, nb, B, k, N, m, nullptr);
+}
+
+OVIT_EMU_API int emu_max_block_size(int fp64) { return ovit::max_block_size(fp64 != 0); }
+
+OVIT_EMU_API int emu_block_layout(int B, int fp64, int* threads) { return ovit::block_layout(B, fp64 != 0, threads); }
+
 // 2:4 sparse x dense; variant 0 = auto, 1 = simple, 2 = pipelined (see launch_spmm_24).
 OVIT_EMU_API int emu_spmm24(const void* x, const void* vals, const uint16_t* meta, const void* bias, void* out,
                             int tokens, int n_out, int K, int gelu, int bf16, int variant) {

@@ -51,5 +51,10 @@ nvcc-check: $(STAMP)
 	@$${CXX:-g++} -std=c++20 -fsyntax-only $$(cat .bindings-flags) -Icsrc -DTORCH_EXTENSION_NAME=_C csrc/bindings.cpp; \
 	  rc=$$?; rm -f .bindings-flags; exit $$rc
 
+# Compile every Triton launch configuration for sm_80 and sm_90 (no GPU needed): catches what
+# the interpreter accepts but the GPU compiler rejects, and reports register spills.
+triton-check: $(STAMP)
+	$(BIN)/python bench/triton_compile_check.py --quick
+
 clean:
 	rm -rf $(VENV) build *.egg-info ovit_kernels/_C*.so

@@ -99,6 +99,7 @@ def measure_case(out: int, inp: int, tokens: int, sparsity: float, kind: str) ->
         "kind": kind,
         "format": fmt,
         "ovit_max_err": float((sl(x).float() - want.float()).abs().max()),
+        "ref_max_abs": float(want.float().abs().max()),
     }
     calls = {"dense": lambda: F.linear(x, w, bias), f"ovit_{fmt}": lambda: sl(x)}
     try:

@@ -64,10 +64,17 @@ class RandomImages(torch.utils.data.IterableDataset):
 
 
 def run(
-    models: list[str], num_grads: int, batch: int, amp: torch.dtype | None, device: str = "cuda", **model_kw
+    models: list[str],
+    num_grads: int,
+    batch: int,
+    amp: torch.dtype | None,
+    device: str = "cuda",
+    block_size: int = 192,
+    **model_kw,
 ) -> list[dict]:
     """One-shot oViT at 50% on each timm model; one row per model (also printed as JSON).
-    ``device="cpu"`` with a tiny ``model_kw`` (e.g. ``img_size=32``) dry-runs the script."""
+    ``device="cpu"`` with a tiny ``model_kw`` (e.g. ``img_size=32, depth=2``) and a small
+    ``block_size`` dry-runs the script in seconds."""
     import timm
 
     import ovit
@@ -82,7 +89,15 @@ def run(
             torch.cuda.empty_cache()
         data = RandomImages(batch, device, size)
         rep = ovit.one_shot_prune(
-            model, iter(data), 0.5, method="ovit", block_size=192, num_grads=num_grads, damp=1e-8, amp_dtype=amp
+            model,
+            iter(data),
+            0.5,
+            method="ovit",
+            block_size=block_size,
+            num_grads=num_grads,
+            damp=1e-8,
+            amp_dtype=amp,
+            progress=False,
         )
         samp = rep.times["sampling"]
         total = rep.times["total"]
@@ -90,6 +105,7 @@ def run(
             "model": name,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "num_grads": rep.num_grads,
+            "block_size": block_size,
             "batch": batch,
             "amp": str(amp),
             "passes": rep.passes,

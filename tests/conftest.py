@@ -34,7 +34,7 @@ _emulated_cuda_module = None
 
 
 @pytest.fixture
-def emulated_cuda(emu_lib, monkeypatch):
+def emulated_cuda(request, monkeypatch):
     """``ovit_kernels.cuda_backend`` over the emulated ``_C`` (tests/emu/emulator.py), accepting
     CPU tensors for the duration of the test: its custom ops, dispatch rules and self-check run
     with every kernel emulated. Skips where the real extension is built (the GPU tests cover it)."""
@@ -53,7 +53,7 @@ def emulated_cuda(emu_lib, monkeypatch):
 
         import ovit_kernels
 
-        shim = EmulatedC(emu_lib)
+        shim = EmulatedC(request.getfixturevalue("emu_lib"))  # built only where it is needed
         sys.modules["ovit_kernels._C"] = shim
         ovit_kernels._C = shim
         _backend._cache.pop("cuda", None)

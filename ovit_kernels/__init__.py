@@ -9,6 +9,7 @@ from ._backend import BackendStatus, available_backends
 from .errors import BackendUnavailableError, NotPositiveDefiniteError, OvitError
 from .fisher import FisherInverse, fisher_inverse, woodbury_update_
 from .obs import obs_prune_order, obs_reconstruct, obs_scores, obs_update_independent, prune_counts
+from .reference import working_set_bytes
 from .sparse import SparseLinear, sparsify, spmm
 from .sparse_formats import PackedWeight, pack, pack_bitmap, pack_bsr, pack_nm, unpack
 
@@ -37,4 +38,5 @@ __all__ = [
     "spmm",
     "unpack",
     "woodbury_update_",
+    "working_set_bytes",
 ]

@@ -20,7 +20,7 @@ from .sparse_formats import PackedWeight, unpack
 
 
 WOODBURY_RANK = 64  # gradients folded into one rank-k Woodbury step
-WOODBURY_PIECE_BYTES = 64 << 20  # float64 working set of one range of blocks
+WOODBURY_PIECE_BYTES = 32 << 20  # float64 working set of one range of blocks
 
 
 def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) -> None:
@@ -55,7 +55,29 @@ def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) 
             finv[s : s + step].copy_((h + h.transpose(1, 2)) * 0.5)  # exactly symmetric, whatever the GEMM did
 
 
-GRAM_PIECE_BYTES = 256 << 20  # largest float64 copy of a gradient chunk made at once
+GRAM_PIECE_BYTES = 32 << 20  # largest float64 copy of a gradient chunk made at once
+PIECE_BYTES = 32 << 20  # working set of the inverse, the elimination and the replay per range of blocks
+
+
+def working_set_bytes(num_blocks: int, block_size: int, chunk: int = 0) -> int:
+    """An upper bound of the temporary memory (bytes) any op of this package takes beyond its
+    inputs and outputs, for (num_blocks, block_size) blocks and gradient chunks of ``chunk``
+    rows: the float64 copy of a chunk in the Gram update, and the inverse, elimination,
+    replay and Woodbury working sets, each bounded per range of blocks (the kernels of the
+    other backends keep their blocks on chip). The largest of them, not their sum: they never
+    overlap."""
+    b = block_size
+    gram_copy = min(GRAM_PIECE_BYTES, chunk * num_blocks * b * 8) if chunk else 0
+    inverse = min(PIECE_BYTES, num_blocks * 3 * b * b * 8)  # F, its factor and its inverse in float64
+    woodbury = min(WOODBURY_PIECE_BYTES, num_blocks * 8 * (b * b + 3 * b * min(chunk or b, WOODBURY_RANK)))
+    return max(gram_copy, inverse, woodbury)
+
+
+def _block_pieces(nb: int, per_block: int):
+    """Ranges of blocks whose temporaries take at most ``PIECE_BYTES`` (at least one block each)."""
+    step = max(1, PIECE_BYTES // max(1, per_block))
+    for s in range(0, nb, step):
+        yield slice(s, min(nb, s + step))
 
 
 def gram_update_(gram: torch.Tensor, grads: torch.Tensor) -> None:
@@ -90,16 +112,22 @@ def damped_fisher(gram: torch.Tensor, num_grads: float, damp: float, damp_mode: 
 def gram_inverse(
     gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert λ'I + G/m per block by Cholesky in the Gram's dtype.
+    """Invert λ'I + G/m per block by Cholesky in the Gram's dtype, a range of blocks at a time
+    (temporaries bounded by ``PIECE_BYTES``).
 
     Returns ``(finv, ok)``: (nb, B, B) in ``out_dtype`` and a (nb,) bool, False for blocks
     that were not positive definite or gave NaN/Inf.
     """
-    f = damped_fisher(gram, num_grads, damp, damp_mode)
-    chol, info = torch.linalg.cholesky_ex(f)
-    finv = torch.cholesky_inverse(chol)
-    ok = (info == 0) & torch.isfinite(finv).all(dim=(1, 2))
-    return finv.to(out_dtype), ok
+    nb, b, _ = gram.shape
+    out = torch.empty(nb, b, b, dtype=out_dtype, device=gram.device)
+    ok = torch.empty(nb, dtype=torch.bool, device=gram.device)
+    for sl in _block_pieces(nb, 3 * b * b * gram.element_size()):  # F, its factor and its inverse
+        f = damped_fisher(gram[sl], num_grads, damp, damp_mode)
+        chol, info = torch.linalg.cholesky_ex(f)
+        finv = torch.cholesky_inverse(chol)
+        ok[sl] = (info == 0) & torch.isfinite(finv).all(dim=(1, 2))
+        out[sl] = finv
+    return out, ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,11 +171,25 @@ def obs_prune_order(
     mask: torch.Tensor | None,
     nm: tuple[int, int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy correlation-aware elimination, vectorised over blocks.
+    """Greedy correlation-aware elimination, vectorised over blocks, a range of blocks at a time
+    (the working copy of the inverses bounded by ``PIECE_BYTES``).
 
     Returns ``(order, loss, bad)``: int64 (nb, steps), ``finv.dtype`` (nb, steps), and a (nb,)
     bool that is True for blocks that met a pivot H_qq <= 0 or a non-finite score.
     """
+    nb, b = w.shape
+    steps = prune_steps(b, nm)
+    order = torch.empty(nb, steps, dtype=torch.int64, device=w.device)
+    loss = torch.empty(nb, steps, dtype=finv.dtype, device=w.device)
+    bad = torch.empty(nb, dtype=torch.bool, device=w.device)
+    for sl in _block_pieces(nb, b * b * finv.element_size()):
+        order[sl], loss[sl], bad[sl] = _eliminate(w[sl], finv[sl], None if mask is None else mask[sl], nm)
+    return order, loss, bad
+
+
+def _eliminate(
+    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nb, b = w.shape
     dt = finv.dtype
     steps = prune_steps(b, nm)
@@ -227,11 +269,23 @@ def prune_counts(losses: list[torch.Tensor], sparsity: float, exclude: list[torc
 def obs_reconstruct(
     w: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Replay the first ``counts[b]`` eliminations of each block.
+    """Replay the first ``counts[b]`` eliminations of each block, a range of blocks at a time.
 
     Returns ``(w_new, keep, bad)``: (nb, B) in w's dtype, (nb, B) bool (True = kept), and a
     (nb,) bool flagging blocks that met a pivot H_qq <= 0.
     """
+    nb, b = w.shape
+    w_new = torch.empty(nb, b, dtype=w.dtype, device=w.device)
+    keep = torch.empty(nb, b, dtype=torch.bool, device=w.device)
+    bad = torch.empty(nb, dtype=torch.bool, device=w.device)
+    for sl in _block_pieces(nb, b * b * finv.element_size()):
+        w_new[sl], keep[sl], bad[sl] = _replay(w[sl], finv[sl], order[sl], counts[sl])
+    return w_new, keep, bad
+
+
+def _replay(
+    w: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nb, b = w.shape
     dt = finv.dtype
     hmat = finv.clone()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .sparse_formats import FORMATS, PackedWeight, is_nm, pack
+from .sparse_formats import FORMATS, PackedWeight, is_nm, pack, unpack
 
 ACTIVATIONS = (None, "gelu")
 
@@ -98,9 +98,41 @@ def _(x, a, b, c, bias, format, out_features, in_features, n, m, bm, bn, activat
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _sparse_linear_setup(ctx, inputs, output) -> None:
+    x, a, b, c, bias, *meta = inputs
+    ctx.save_for_backward(x, a, b, c, bias)
+    ctx.meta = meta
+
+
+def _sparse_linear_backward(ctx, grad: torch.Tensor):
+    """Gradients for the input (and a trainable bias): dx = (dy ⊙ act'(z)) W, with W unpacked
+    and z recomputed; the compressed weight itself is frozen (its buffers take no gradient)."""
+    x, a, b, c, bias = ctx.saved_tensors
+    fmt, out_f, in_f, n, m, bm, bn, activation, backend = ctx.meta
+    p = PackedWeight(fmt, out_f, in_f, a, b, c, n, m, bm, bn)
+    g = grad.float()
+    if activation == "gelu":
+        z = _sparse_linear_op(x, a, b, c, bias, fmt, out_f, in_f, n, m, bm, bn, "", backend).float()
+        g = g * (0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327)
+    g2 = g.reshape(-1, out_f)
+    grad_x = (g2 @ unpack(p).float()).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = g2.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
+    return (grad_x, None, None, None, grad_bias) + (None,) * 9
+
+
+_sparse_linear_op.register_autograd(_sparse_linear_backward, setup_context=_sparse_linear_setup)
+
+
 class SparseLinear(nn.Module):
     """A pruned ``nn.Linear`` stored compressed; ``forward`` equals the dense layer (within the
     accumulation order), optionally with GELU fused.
+
+    The compressed weight is frozen (buffers ``a``, ``b``, ``c``); gradients flow to the input
+    (and to the bias if it is made trainable), so layers before it can be fine-tuned and the
+    module works under ``torch.compile`` with autograd on. To fine-tune the pruned weights
+    themselves, fine-tune before :func:`sparsify`. Its ``state_dict`` carries the format
+    (``_extra_state``), so it loads into a freshly sparsified copy of the same architecture
+    whatever format or pattern that copy was packed with.
 
     Args:
         packed: the compressed weight.
@@ -136,6 +168,33 @@ class SparseLinear(nn.Module):
         backend = kw.pop("backend", None)
         packed = pack(linear.weight.detach(), format, mask, **kw)
         return cls(packed, linear.bias, activation, backend)
+
+    def get_extra_state(self) -> dict:
+        return {"format": self.format, "in_features": self.in_features, "out_features": self.out_features,
+                "n": self.n, "m": self.m, "bm": self.bm, "bn": self.bn, "activation": self.activation}  # fmt: skip
+
+    def set_extra_state(self, state: dict) -> None:
+        if (state["in_features"], state["out_features"]) != (self.in_features, self.out_features):
+            raise ValueError(
+                f"a SparseLinear of {state['out_features']}x{state['in_features']} cannot load into one of "
+                f"{self.out_features}x{self.in_features} (a checkpoint of another architecture?)"
+            )
+        if state["format"] not in FORMATS:
+            raise ValueError(f"unknown sparse format {state['format']!r} in the checkpoint")
+        self.format = state["format"]
+        self.n, self.m, self.bm, self.bn = state["n"], state["m"], state["bm"], state["bn"]
+        self.activation = state.get("activation")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # the compressed buffers' sizes follow the pattern (nnz, stored blocks): take the checkpoint's
+        for name in ("a", "b", "c"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.shape != self._buffers[name].shape:
+                self._buffers[name] = torch.empty_like(t, device=self._buffers[name].device)
+        bias = state_dict.get(prefix + "bias")
+        if isinstance(bias, torch.Tensor) and self.bias is None:
+            self.bias = nn.Parameter(torch.empty_like(bias, device=self.a.device), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     @property
     def packed(self) -> PackedWeight:
@@ -210,6 +269,19 @@ def candidate_formats(weight: torch.Tensor, bsr_block: tuple[int, int] = (64, 64
     return fmts
 
 
+def _misfit(weight: torch.Tensor, fmt: str, bsr_block: tuple[int, int]) -> str | None:
+    """Why a weight should not be stored in ``fmt`` (None if it fits)."""
+    keep = weight != 0
+    if bool(keep.all()):
+        return "not pruned"
+    out, k = keep.shape
+    if fmt == "nm" and (k % 4 or not is_nm(keep, 2, 4)):
+        return "its zeros are not 2:4"
+    if fmt == "bsr" and (out % bsr_block[0] or k % bsr_block[1]):
+        return f"its {out}x{k} shape is not tiled by {bsr_block[0]}x{bsr_block[1]} blocks"
+    return None
+
+
 def sparsify(
     model: nn.Module,
     format: str = "auto",
@@ -225,7 +297,9 @@ def sparsify(
     Args:
         format: ``"auto"`` (per layer, the fastest of dense / nm / bitmap / bsr by the measured
             table, dense when none is measured faster), or one of ``"nm"``, ``"bitmap"``,
-            ``"bsr"`` (forced; a layer whose mask does not fit raises).
+            ``"bsr"`` (forced). A layer that is not pruned or whose zeros do not fit the format
+            (an unpruned classifier head, say) stays dense, with the reason in the result,
+            unless it was named in ``layers``: then it raises.
         tokens: the expected number of rows of a forward (batch × sequence).
         layers: module names to consider (default: every Linear).
         table: rows as from :func:`load_table` (default: the measured table).
@@ -245,6 +319,12 @@ def sparsify(
         w = mod.weight.detach()
         sparsity = float((w == 0).float().mean())
         if format != "auto":
+            why = _misfit(w, format, bsr_block)
+            if why is not None:
+                if names is not None:
+                    raise ValueError(f"layer {name!r} cannot be stored as {format!r}: {why}")
+                chosen[name] = f"dense ({why})"
+                continue
             kw = {"block": bsr_block} if format == "bsr" else {}
             swaps.append((name, SparseLinear.from_linear(mod, format, backend=backend, **kw)))
             chosen[name] = format

@@ -3,6 +3,7 @@ nothing changed on failure, timm models, memory planning, the demo and the CLI."
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -243,8 +244,9 @@ def test_layer_groups_when_the_fisher_does_not_fit():
     b.load_state_dict(ref.state_dict())
     kw = dict(block_size=16, num_grads=8, damp=1e-2, damp_mode="relative", progress=False)
     r1 = ovit.one_shot_prune(a, data, 0.5, **kw)
-    r2 = ovit.one_shot_prune(b, data, 0.5, memory_budget=200_000, **kw)
+    r2 = ovit.one_shot_prune(b, data, 0.5, memory_budget=4_000_000, **kw)
     assert r1.passes == 1 and r2.passes > 1 and any("passes" in n for n in r2.notes)
+    assert r2.planned_peak_bytes <= 4_000_000
     for (k, v), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6, msg=k)
 
@@ -425,3 +427,24 @@ def test_gradient_chunking_does_not_change_the_result():
     # the default sizes chunks from the block size: B = 192 → 128 (float64 Gram), 64 (float32 Woodbury)
     fake = type("L", (), {"layout": type("Lay", (), {"block_size": 192})()})()
     assert _auto_chunk([fake], "gram") == 128 and _auto_chunk([fake], "woodbury") == 64
+
+
+def test_repeated_data_is_reported_and_warned():
+    torch.manual_seed(0)
+    model = TinyViT(dim=32, depth=1, heads=2)
+    data = random_data(n_batches=3)
+    kw = dict(block_size=16, damp=1e-2, damp_mode="relative", progress=False)
+    with pytest.warns(RuntimeWarning, match="holds only 3 batches for 7 gradients"):
+        rep = ovit.one_shot_prune(model, data, 0.5, num_grads=7, **kw)
+    assert rep.num_grads == 7 and rep.distinct_batches == 3 and any("distinct batches" in n for n in rep.notes)
+    # re-cut batches: 3 batches of 8 samples give 6 batches of 4
+    with pytest.warns(RuntimeWarning, match="holds only 6 batches"):
+        rep = ovit.one_shot_prune(TinyViT(dim=32, depth=1, heads=2), data, 0.5, num_grads=8, grad_batch_size=4, **kw)
+    assert rep.distinct_batches == 6
+    # enough data: no warning, nothing went round
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = ovit.one_shot_prune(TinyViT(dim=32, depth=1, heads=2), random_data(n_batches=5), 0.5, num_grads=5, **kw)
+    assert rep.distinct_batches in (None, 5)
+    with pytest.raises(ValueError, match="fewer samples than one batch"):
+        ovit.one_shot_prune(TinyViT(dim=32, depth=1, heads=2), data, 0.5, num_grads=4, grad_batch_size=100, **kw)

@@ -204,3 +204,31 @@ def test_indefinite_pivot_is_retried_in_float64_then_reported(gen):
     order32, loss32 = ok.obs_prune_order(w.float(), h.float())
     assert torch.equal(order32, order64)
     torch.testing.assert_close(loss32.double(), loss64, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_works_a_range_of_blocks_at_a_time(monkeypatch, gen):
+    """The reference bounds its temporaries by processing ranges of blocks: one block per range
+    gives the same results as all blocks at once."""
+    from conftest import elimination_inputs
+
+    from ovit_kernels import reference
+
+    w, h, mask, nm = elimination_inputs(5, 12, "nm+mask", gen)
+    counts = torch.tensor([0, 3, 7, 8, 5])
+    g = torch.randn(30, 60, generator=gen, dtype=torch.float64)
+    gram = torch.einsum("kni,knj->nij", g.view(30, 5, 12), g.view(30, 5, 12))
+    whole = (
+        reference.obs_prune_order(w, h, mask, nm),
+        reference.gram_inverse(gram, 30.0, 1e-2, "relative", torch.float64),
+    )
+    o_whole = reference.obs_prune_order(w, h, None, None)[0]
+    r_whole = reference.obs_reconstruct(w, h, o_whole, counts)
+    monkeypatch.setattr(reference, "PIECE_BYTES", 1)
+    pieces = (
+        reference.obs_prune_order(w, h, mask, nm),
+        reference.gram_inverse(gram, 30.0, 1e-2, "relative", torch.float64),
+    )
+    for a, b in zip([*whole[0], *whole[1]], [*pieces[0], *pieces[1]]):
+        assert torch.equal(a, b)
+    for a, b in zip(r_whole, reference.obs_reconstruct(w, h, o_whole, counts)):
+        assert torch.equal(a, b)

@@ -218,5 +218,84 @@ def test_sparsify_never_picks_a_slower_format(gen):
     assert chosen == {"0": "nm", "2": "bitmap"}
     assert isinstance(model[0], ok.SparseLinear) and model[0].format == "nm"
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not pruned"):
+        ok.sparsify(nn.Sequential(nn.Linear(8, 8)), format="nm", layers=["0"])  # named: it must fit
+    lin = nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight[:, :3] = 0  # pruned, but not 2:4
     with pytest.raises(ValueError, match="not 2:4"):
-        ok.sparsify(nn.Sequential(nn.Linear(8, 8)), format="nm")
+        ok.sparsify(nn.Sequential(lin), format="nm", layers=["0"])
+    assert ok.sparsify(nn.Sequential(lin), format="nm") == {"0": "dense (its zeros are not 2:4)"}
+
+
+def _pruned_mlp(gen, nm: bool = False) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32), nn.Linear(32, 10))
+    with torch.no_grad():
+        for lin in (model[0], model[2]):
+            lin.weight.mul_(nm_mask(lin.weight) if nm else torch.rand(lin.weight.shape, generator=gen) < 0.3)
+    return model  # model[3] (the "head") stays dense
+
+
+def test_sparsify_skips_what_does_not_fit_and_says_which(gen):
+    for fmt in ("nm", "bitmap", "bsr"):
+        model = _pruned_mlp(gen, nm=fmt == "nm")
+        x = torch.randn(5, 64, generator=gen)
+        want = model(x)
+        chosen = ok.sparsify(model, format=fmt, bsr_block=(16, 16))
+        assert chosen["3"] == "dense (not pruned)" and isinstance(model[3], nn.Linear), chosen
+        assert chosen["0"] == fmt and isinstance(model[0], ok.SparseLinear)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_model_pruned_by_default_sparsifies(gen):
+    """The default layer selection prunes the blocks, not the head: sparsify leaves the head."""
+    timm = pytest.importorskip("timm")
+    import ovit
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=10)
+    data = [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen))]
+    ovit.one_shot_prune(model, data, method="magnitude", pattern="2:4", progress=False)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    want = model(x)
+    chosen = ok.sparsify(model, format="nm")
+    assert chosen["head"] == "dense (not pruned)"
+    assert all(chosen[n] == "nm" for n in chosen if n.startswith("blocks."))
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_sparse_linear_backward_and_compile_with_autograd_on(activation, gen):
+    lin = nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand(32, 64, generator=gen) < 0.3)
+    act = nn.GELU() if activation else nn.Identity()
+    sl = ok.SparseLinear.from_linear(lin, "bitmap", activation=activation)
+    x = torch.randn(3, 7, 64, generator=gen, requires_grad=True)
+    act(lin(x)).square().sum().backward()
+    want = x.grad.clone()
+    for module in (sl, torch.compile(sl, backend="aot_eager", fullgraph=True)):
+        x.grad = None
+        module(x).square().sum().backward()
+        torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-4)
+    sl.bias.requires_grad_(True)  # a trainable bias gets its gradient too
+    sl(x).sum().backward()
+    assert sl.bias.grad is not None and sl.bias.grad.shape == (32,)
+
+
+def test_sparse_state_dict_loads_into_a_freshly_sparsified_model(gen):
+    model = _pruned_mlp(gen)
+    ok.sparsify(model, format="bitmap", layers=["0", "2"])
+    x = torch.randn(4, 64, generator=gen)
+    want = model(x)
+    state = model.state_dict()
+    fresh = _pruned_mlp(gen, nm=True)  # other weights, another pattern and format
+    ok.sparsify(fresh, format="nm", layers=["0", "2"])
+    fresh.load_state_dict(state)
+    assert fresh[0].format == "bitmap"
+    torch.testing.assert_close(fresh(x), want)
+    other = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 32), nn.Linear(32, 10))
+    with torch.no_grad():
+        other[0].weight[:, 0] = 0
+    ok.sparsify(other, format="bitmap", layers=["0"])
+    with pytest.raises((ValueError, RuntimeError), match="another architecture|size mismatch"):
+        other.load_state_dict(state)

@@ -35,7 +35,10 @@ class LayerReport:
 @dataclass
 class PruneReport:
     """What :func:`one_shot_prune` did. ``est_loss_increase`` is the sum of the OBS losses of
-    what was pruned under the quadratic model (None when no Fisher was computed)."""
+    what was pruned under the quadratic model (None when no Fisher was computed).
+    ``distinct_batches`` is how many batches one pass over the data holds (None when the
+    gradients never went round it: no batch was used twice); ``planned_peak_bytes`` the memory
+    plan's peak for the Fisher work (``peak_memory_bytes`` is the measured one, on a GPU)."""
 
     method: str
     sparsity: float
@@ -49,6 +52,8 @@ class PruneReport:
     times: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+    distinct_batches: int | None = None
+    planned_peak_bytes: int | None = None
 
     @property
     def achieved_sparsity(self) -> float:
@@ -89,13 +94,6 @@ def _memory_budget(device: torch.device, budget: int | None) -> int:
         return 8 << 30
 
 
-def _fisher_bytes(ly: PrunableLayer, fisher_method: str, chunk: int) -> int:
-    lay = ly.layout
-    square = lay.num_blocks * lay.block_size**2
-    acc = 8 if fisher_method != "woodbury" else 4
-    return square * (acc + 4) + chunk * lay.num_blocks * lay.block_size * 4
-
-
 def _auto_chunk(layers: list[PrunableLayer], fisher_method: str) -> int:
     """Gradients per accumulator update: every update reads and writes the whole Fisher state
     once, so larger chunks cut that traffic (the float64 Gram update stays memory-bound below
@@ -108,17 +106,109 @@ def _auto_chunk(layers: list[PrunableLayer], fisher_method: str) -> int:
     return chunk
 
 
-def _plan_groups(layers: list[PrunableLayer], budget: int, fisher_method: str, chunk: int) -> list[list[PrunableLayer]]:
+_GIB = float(1 << 30)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / _GIB:.2f} GiB" if nbytes >= 1 << 30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+@dataclass
+class MemoryPlan:
+    """How the Fisher work is split to stay within a memory budget (bytes on the device).
+
+    Attributes:
+        groups: layer groups, one pass over the data each.
+        store: where the inverses wait until the reconstruction: the device, or the CPU when a
+            GPU cannot hold them all.
+        peak: the planned peak of the Fisher work in bytes: what every pass holds plus the
+            largest group's states and buffers.
+        held: the part of ``peak`` that every pass holds (inverses kept on the device, working
+            sets).
+    """
+
+    groups: list[list[PrunableLayer]]
+    store: torch.device
+    peak: int
+    held: int
+
+
+def _layer_bytes(ly: PrunableLayer, fisher_method: str, fisher_dtype: torch.dtype, chunk: int) -> dict[str, int]:
+    """One layer's large buffers: the accumulator ``state`` (float64 Gram, or the Woodbury state
+    in ``fisher_dtype``), the ``inverse`` it yields (the Woodbury state is its own inverse), the
+    gradient chunk ``buffer``, and ``unit``: what the layer adds to its pass at the worst moment
+    (state + buffer while sampling, state + inverse while inverting)."""
+    lay = ly.layout
+    square = lay.num_blocks * lay.block_size**2
+    size = torch.tensor([], dtype=fisher_dtype).element_size()
+    woodbury = fisher_method == "woodbury"
+    state = square * (size if woodbury else 8)
+    inverse = square * size
+    buffer = chunk * lay.num_blocks * lay.block_size * 4
+    return {"state": state, "inverse": inverse, "buffer": buffer,
+            "unit": state + max(buffer, 0 if woodbury else inverse)}  # fmt: skip
+
+
+def plan_memory(
+    layers: list[PrunableLayer],
+    budget: int,
+    device: torch.device,
+    fisher_method: str,
+    fisher_dtype: torch.dtype,
+    chunk: int,
+) -> MemoryPlan:
+    """Group the layers so that the Fisher work stays within ``budget`` bytes on ``device``.
+
+    Counted: each layer's accumulator state and gradient chunk buffer while its group samples,
+    its inverse from then on — on the device until the reconstruction when the inverses stay
+    there (always on a CPU; on a GPU when one pass suffices) —, and the reference backend's
+    bounded working sets. Not counted: the model, its activations and its gradients, which the
+    budget must leave room for.
+
+    Raises:
+        MemoryError: a layer cannot fit even alone (with the numbers and what to change).
+    """
+    need = {ly.name: _layer_bytes(ly, fisher_method, fisher_dtype, chunk) for ly in layers}
+    # the backend's bounded temporaries (ovit_kernels.working_set_bytes) for the largest layer, twice:
+    # the allocator may keep a freed working set while the next one is taken
+    work = 2 * max(ok.working_set_bytes(ly.layout.num_blocks, ly.layout.block_size, chunk) for ly in layers)
+    # per weight, kept for every layer until the commit: the elimination order (8 B) and cumulative
+    # loss (8 B), the weights in blocks, the new weights (4 B each) and the keep-mask (1 B)
+    work += 25 * sum(ly.layout.num_blocks * ly.layout.block_size for ly in layers)
+    one_pass = sum(n["unit"] for n in need.values())
+    if one_pass + work <= budget:
+        return MemoryPlan([list(layers)], device, one_pass + work, work)
+    # several passes. On a GPU the inverses wait on the CPU; on a CPU they stay where they are,
+    # so every pass also holds the other layers' inverses (counted once for all, here).
+    on_cpu = device.type == "cpu"
+    held = work + (sum(n["inverse"] for n in need.values()) if on_cpu else 0)
+
+    def cost(ly: PrunableLayer) -> int:  # what the layer adds to its pass beyond ``held``
+        n = need[ly.name]
+        return n["unit"] - (n["inverse"] if on_cpu else 0)
+
     groups: list[list[PrunableLayer]] = [[]]
-    used = 0
+    used = largest = 0
     for ly in layers:
-        need = _fisher_bytes(ly, fisher_method, chunk)
-        if groups[-1] and used + need > budget:
+        c = cost(ly)
+        if held + c > budget:
+            n = need[ly.name]
+            where = " (all layers' inverses stay in memory until the reconstruction)" if on_cpu else ""
+            raise MemoryError(
+                f"layer {ly.name!r} needs {_size(n['unit'])} for its Fisher (state {_size(n['state'])}, inverse "
+                f"{_size(n['inverse'])}, gradient buffer {_size(n['buffer'])}), and every pass holds "
+                f"{_size(held)}{where}: more than the memory budget of {_size(budget)}. Options: a smaller "
+                "block_size (the memory grows with B), fisher_method='woodbury' with fisher_dtype=torch.float32 "
+                "(a 4-byte state instead of the 8-byte Gram), a smaller grad_chunk, fewer layers per run, or a "
+                "larger memory_budget"
+            )
+        if groups[-1] and held + used + c > budget:
             groups.append([])
             used = 0
         groups[-1].append(ly)
-        used += need
-    return groups
+        used += c
+        largest = max(largest, used)
+    return MemoryPlan(groups, device if on_cpu else torch.device("cpu"), held + largest, held)
 
 
 def _nm_select(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -149,14 +239,18 @@ def _global_select(keys: list[torch.Tensor], real: list[torch.Tensor], sparsity:
     return out
 
 
-def _quadratic_loss(delta: torch.Tensor, finv: torch.Tensor) -> float:
-    """½ δᵀ F δ summed over blocks, with F = H⁻¹ (solved by Cholesky of H, float64)."""
-    h = finv.double()
-    chol, info = torch.linalg.cholesky_ex(h)
-    d = delta.double().unsqueeze(-1)
-    x = torch.cholesky_solve(d, chol)
-    val = 0.5 * (d * x).sum(dim=(1, 2))
-    return float(val[info == 0].sum())
+def _quadratic_loss(delta: torch.Tensor, finv: torch.Tensor, piece_bytes: int = 32 << 20) -> float:
+    """½ δᵀ F δ summed over blocks, with F = H⁻¹ (solved by Cholesky of H in float64), a range
+    of blocks at a time so that the float64 temporaries stay within ``piece_bytes``."""
+    nb, b, _ = finv.shape
+    step = max(1, piece_bytes // (2 * b * b * 8))
+    total = 0.0
+    for s in range(0, nb, step):
+        chol, info = torch.linalg.cholesky_ex(finv[s : s + step].double())
+        d = delta[s : s + step].double().unsqueeze(-1)
+        val = 0.5 * (d * torch.cholesky_solve(d, chol)).sum(dim=(1, 2))
+        total += float(val[info == 0].sum())
+    return total
 
 
 def one_shot_prune(
@@ -275,6 +369,8 @@ def one_shot_prune(
         times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
     taken = 0
+    distinct: int | None = None
+    planned_peak: int | None = None
     passes = 0
     if needs_fisher:
         budget = _memory_budget(device, memory_budget)
@@ -282,14 +378,15 @@ def one_shot_prune(
             grad_chunk = max(1, min(_auto_chunk(players, fisher_method), int(num_grads)))
         elif int(grad_chunk) != grad_chunk or grad_chunk < 1:
             raise ValueError(f"grad_chunk must be a positive int, got {grad_chunk!r}")
-        groups = _plan_groups(players, budget, fisher_method, grad_chunk)
+        plan = plan_memory(players, budget, device, fisher_method, fisher_dtype, grad_chunk)
+        groups, store = plan.groups, plan.store
         passes = len(groups)
-        store = device if passes == 1 else torch.device("cpu")
+        planned_peak = plan.peak
         if passes > 1:
-            need = sum(_fisher_bytes(ly, fisher_method, grad_chunk) for ly in players)
             notes.append(
-                f"Fisher inverses need ~{need / 2**30:.1f} GiB, more than the budget of {budget / 2**30:.1f} GiB: "
-                f"{passes} passes over the data, one per layer group; inverses kept on the CPU in between"
+                f"the Fisher work does not fit the memory budget of {_size(budget)} in one pass: {passes} "
+                f"passes over the data, one per layer group (planned peak {_size(plan.peak)}); inverses "
+                f"kept on {'the CPU' if store.type == 'cpu' else store} until the reconstruction"
             )
             if progress:
                 print(f"ovit: {notes[-1]}")
@@ -318,7 +415,7 @@ def one_shot_prune(
                 for ly in grp
             }
             t0 = time.perf_counter()
-            taken = sample_gradients(
+            stats = sample_gradients(
                 model,
                 data,
                 grp,
@@ -331,11 +428,18 @@ def one_shot_prune(
                 chunk=grad_chunk,
                 progress=progress,
                 desc=f"gradients (pass {gi + 1}/{passes})" if passes > 1 else "gradients",
+                warn_repeats=gi == 0,
             )
             _sync(device)
             times["sampling"] = times.get("sampling", 0.0) + time.perf_counter() - t0
+            taken, distinct = stats.gradients, stats.distinct_batches
             if taken < num_grads:
                 notes.append(f"data ran out after {taken} of {num_grads} gradients")
+            if gi == 0 and stats.repeats:  # sample_gradients warned when the data went round
+                notes.append(
+                    f"the {taken} gradients came from only {distinct} distinct batches (about "
+                    f"{taken / max(1, distinct):.1f} uses each)"
+                )
             t0 = time.perf_counter()
             for ly in grp:
                 finvs[ly.name] = accs.pop(ly.name).compute()
@@ -437,6 +541,8 @@ def one_shot_prune(
         total_pruned=sum(r.pruned for r in reports),
         est_loss_increase=est,
         num_grads=taken if needs_fisher else 0,
+        distinct_batches=distinct,
+        planned_peak_bytes=planned_peak,
         passes=passes,
         layers=reports,
         times=times,

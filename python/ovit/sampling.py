@@ -5,7 +5,9 @@ layers' ``FisherInverse`` accumulators in chunks (never all m stored)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -15,12 +17,37 @@ from ovit_kernels import FisherInverse
 from .layers import PrunableLayer
 
 
-def batches(data: Iterable, grad_batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+@dataclass
+class SampleStats:
+    """What a sampling pass took from the data.
+
+    Attributes:
+        gradients: gradients taken.
+        distinct_batches: batches in one full pass over the data (None while no pass has ended:
+            then no batch was used twice).
+        passes: full passes over the data that ended.
+    """
+
+    gradients: int = 0
+    distinct_batches: int | None = None
+    passes: int = 0
+
+    @property
+    def repeats(self) -> bool:
+        """True when some gradients came from batches already used."""
+        return self.distinct_batches is not None and self.gradients > self.distinct_batches
+
+
+def batches(
+    data: Iterable, grad_batch_size: int | None = None, stats: SampleStats | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(inputs, targets)`` forever when ``data`` can be iterated again (a DataLoader,
     a list), or until it ends (a one-shot iterator). With ``grad_batch_size``, samples are
-    re-cut into batches of that size."""
+    re-cut into batches of that size. ``stats`` counts the batches of a full pass."""
     reiterable = iter(data) is not data
+    stats = stats if stats is not None else SampleStats()
     while True:
+        count = 0
         buf_x: list[torch.Tensor] = []
         buf_y: list[torch.Tensor] = []
         have = 0
@@ -31,6 +58,7 @@ def batches(data: Iterable, grad_batch_size: int | None = None) -> Iterator[tupl
             x, y = item[0], item[1]
             got_any = True
             if grad_batch_size is None:
+                count += 1
                 yield x, y
                 continue
             buf_x.append(x)
@@ -38,11 +66,17 @@ def batches(data: Iterable, grad_batch_size: int | None = None) -> Iterator[tupl
             have += x.shape[0]
             while have >= grad_batch_size:
                 cx, cy = torch.cat(buf_x), torch.cat(buf_y)
+                count += 1
                 yield cx[:grad_batch_size], cy[:grad_batch_size]
                 buf_x, buf_y = [cx[grad_batch_size:]], [cy[grad_batch_size:]]
                 have -= grad_batch_size
         if not got_any:
             raise ValueError("data yielded no batches")
+        if count == 0:
+            raise ValueError(f"data holds fewer samples than one batch of grad_batch_size={grad_batch_size}")
+        stats.passes += 1
+        if stats.distinct_batches is None:
+            stats.distinct_batches = count
         if not reiterable:
             return
 
@@ -61,15 +95,17 @@ def sample_gradients(
     chunk: int = 16,
     progress: bool = True,
     desc: str = "gradients",
-) -> int:
+    warn_repeats: bool = True,
+) -> SampleStats:
     """Stream ``num_grads`` mini-batch gradients of the given layers into their accumulators.
 
     Only the weights of ``layers`` require grad during sampling (the other weight-gradient
-    GEMMs are skipped); the model's modes, flags and ``.grad`` are restored afterwards.
+    GEMMs are skipped); the model's modes, flags and ``.grad`` are restored afterwards. Holds
+    ``chunk`` gradients per layer (chunk × numel × 4 bytes) between accumulator updates.
 
     Returns:
-        The number of gradients taken (fewer than ``num_grads`` only when a one-shot
-        iterator ran out).
+        What was taken: the number of gradients (fewer than ``num_grads`` only when a one-shot
+        iterator ran out) and how many distinct batches one pass over the data holds.
     """
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
@@ -82,6 +118,7 @@ def sample_gradients(
     except ImportError:  # pragma: no cover
         tqdm = None
     bar = tqdm(total=num_grads, desc=desc, disable=not progress or tqdm is None, leave=False)
+    stats = SampleStats()
     taken = 0
     fill = 0
     try:
@@ -95,9 +132,18 @@ def sample_gradients(
             if amp_dtype is not None
             else contextlib.nullcontext()
         )
-        for x, y in batches(data, grad_batch_size):
+        for x, y in batches(data, grad_batch_size, stats):
             if taken >= num_grads:
                 break
+            if stats.passes == 1 and taken == stats.distinct_batches and warn_repeats:
+                # the data went round before num_grads: say so now, not after the whole run
+                warnings.warn(
+                    f"ovit: the data holds only {taken} batches for {num_grads} gradients: they are being "
+                    f"reused (about {num_grads / taken:.1f} uses each), which adds no information to the "
+                    "Fisher. Give more data, or fewer num_grads",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for ly in layers:
                 ly.weight.grad = None
@@ -125,4 +171,5 @@ def sample_gradients(
             p.requires_grad_(f)
             p.grad = g
         model.train(was_training)
-    return taken
+    stats.gradients = taken
+    return stats

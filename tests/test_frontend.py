@@ -244,9 +244,9 @@ def test_layer_groups_when_the_fisher_does_not_fit():
     b.load_state_dict(ref.state_dict())
     kw = dict(block_size=16, num_grads=8, damp=1e-2, damp_mode="relative", progress=False)
     r1 = ovit.one_shot_prune(a, data, 0.5, **kw)
-    r2 = ovit.one_shot_prune(b, data, 0.5, memory_budget=4_000_000, **kw)
+    r2 = ovit.one_shot_prune(b, data, 0.5, memory_budget=5_000_000, **kw)
     assert r1.passes == 1 and r2.passes > 1 and any("passes" in n for n in r2.notes)
-    assert r2.planned_peak_bytes <= 4_000_000
+    assert r2.planned_peak_bytes <= 5_000_000
     for (k, v), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6, msg=k)
 

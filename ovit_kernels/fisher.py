@@ -198,6 +198,43 @@ class FisherInverse:
             fn(self._state, chunk)
         self.seen += chunk.shape[0]
 
+    def gram(self) -> torch.Tensor:
+        """The accumulated Σ g gᵀ per block so far, (nb, B, B) float64 (Gram method only).
+
+        It does not depend on the damping: :meth:`from_gram` turns it into an accumulator for
+        any λ without the gradients again (e.g. a damping search). The tensor is the live state
+        (not a copy) until :meth:`compute`, which does not modify it."""
+        if self.method != "gram":
+            raise ValueError("only the Gram method keeps a damping-free state (Woodbury folds λ in from the start)")
+        if self._state is None:
+            raise ValueError(f"no gradients were given to {self.name or 'this Fisher'}, or compute() already ran")
+        return self._state
+
+    @classmethod
+    def from_gram(
+        cls,
+        gram: torch.Tensor,
+        num_grads: int,
+        damp: float = 1e-8,
+        *,
+        damp_mode: str = "absolute",
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+        name: str | None = None,
+    ) -> FisherInverse:
+        """An accumulator holding ``gram`` ((nb, B, B) float64, the Σ g gᵀ of ``num_grads``
+        gradients, e.g. from :meth:`gram`), ready for :meth:`compute` with this damping."""
+        _checks.floating("gram", gram, (torch.float64,))
+        _checks.ndim("gram", gram, 3, "(nb, B, B)")
+        nb, b, b2 = gram.shape
+        if b != b2:
+            raise ValueError(f"gram blocks must be square, got shape {tuple(gram.shape)}")
+        acc = cls(nb * b, b, damp, int(num_grads), damp_mode=damp_mode, method="gram", dtype=dtype,
+                  device=gram.device, backend=backend, name=name)  # fmt: skip
+        acc._state = gram
+        acc.seen = int(num_grads)
+        return acc
+
     def compute(self) -> torch.Tensor:
         """Return H = F⁻¹ per block, shape (nb, B, B), dtype ``self.dtype``.
 

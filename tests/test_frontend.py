@@ -258,9 +258,20 @@ def test_demo_fast_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     from ovit.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(seeds=(0,), sparsities=(0.5,), epochs=1, num_grads=8, out=str(tmp_path / "out"))
+    cfg = DemoConfig(
+        seeds=(0,),
+        sparsities=(0.5,),
+        epochs=1,
+        num_grads=8,
+        damps=(("absolute", 1e-6), ("relative", 1e-2)),
+        out=str(tmp_path / "out"),
+    )
     out = run_demo(cfg, log=lambda *_: None)
     assert set(out["results"]) == set(ovit.METHODS)
+    for m in ("ovit", "woodfisher"):  # each second-order method at its own λ from the grid, named
+        assert out["chosen_damp"][m]["0.5"] in ("abs 1e-06", "rel 1e-02")
+        assert set(out["search"][m]["0.5"]) == {"abs 1e-06", "rel 1e-02"}
+    assert out["chosen_damp"]["magnitude"]["0.5"] == "-"
     assert (tmp_path / "out" / "digits_accuracy.png").stat().st_size > 1000
     assert list((tmp_path / "cache" / "ovit").glob("digits_vit_*.pt"))
 
@@ -448,3 +459,23 @@ def test_repeated_data_is_reported_and_warned():
     assert rep.distinct_batches in (None, 5)
     with pytest.raises(ValueError, match="fewer samples than one batch"):
         ovit.one_shot_prune(TinyViT(dim=32, depth=1, heads=2), data, 0.5, num_grads=4, grad_batch_size=100, **kw)
+
+
+def test_fisher_cache_applies_each_calls_damping():
+    """The cache holds the damping-free Gram: a second damping reuses the gradients and equals a
+    fresh run at that damping (a damping search samples once)."""
+    torch.manual_seed(0)
+    ref = TinyViT(dim=32, depth=1, heads=2)
+    data = random_data(n_batches=8)
+    kw = dict(block_size=16, num_grads=8, progress=False)
+    cache: dict = {}
+    for damp in (1e-4, 1e-1):
+        a = TinyViT(dim=32, depth=1, heads=2)
+        a.load_state_dict(ref.state_dict())
+        ovit.one_shot_prune(a, data, 0.6, damp=damp, fisher_cache=cache, **kw)
+        b = TinyViT(dim=32, depth=1, heads=2)
+        b.load_state_dict(ref.state_dict())
+        ovit.one_shot_prune(b, data, 0.6, damp=damp, **kw)
+        for (k, v), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(v, u, msg=k)
+    assert all(set(e) == {"gram", "num_grads"} for e in cache.values())

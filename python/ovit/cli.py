@@ -17,7 +17,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(out=args.out)
     if args.fast:
-        cfg = DemoConfig(seeds=(0,), sparsities=(0.5, 0.9), epochs=3, num_grads=32, out=args.out)
+        cfg = DemoConfig(
+            seeds=(0,),
+            sparsities=(0.5, 0.9),
+            epochs=20,
+            num_grads=128,
+            damps=(("absolute", 1e-6), ("relative", 1e-2)),
+            out=args.out,
+        )
     if args.seeds is not None:
         cfg.seeds = tuple(range(args.seeds))
     run_demo(cfg)

@@ -1,8 +1,12 @@
 """The demo: a small ViT trained on scikit-learn's digits, pruned one-shot by every method.
 
-Prints held-out accuracy (dense vs each method at 50/75/90% sparsity, mean over seeds) and
-writes a plot of accuracy vs sparsity. Trained weights are cached under the user cache dir
-(``$XDG_CACHE_HOME/ovit`` or ``~/.cache/ovit``).
+The damping λ of the two second-order methods (oViT and WoodFisher) is searched for each
+method and sparsity on a validation split held out of the training data, over one grid of
+absolute and relative values shared by both (``DAMP_GRID``); each method is then reported on
+the test split at its own best λ, which is named. Prints held-out accuracy (dense vs each
+method at 50/75/90% sparsity, mean over seeds) and writes a plot of accuracy vs sparsity.
+Trained weights are cached under the user cache dir (``$XDG_CACHE_HOME/ovit`` or
+``~/.cache/ovit``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,20 @@ import torch.nn.functional as F
 from .models import TinyViT
 from .pruner import METHODS, one_shot_prune
 
+FISHER_METHODS = ("ovit", "woodfisher")
+# the same grid for every method: absolute λ (added to the diagonal as is) and relative λ
+# (times the mean of the Fisher's diagonal, per block)
+DAMP_GRID: tuple[tuple[str, float], ...] = (
+    ("absolute", 1e-8),
+    ("absolute", 1e-6),
+    ("absolute", 1e-4),
+    ("absolute", 1e-2),
+    ("relative", 1e-4),
+    ("relative", 1e-2),
+    ("relative", 1e-1),
+    ("relative", 1.0),
+)
+
 
 @dataclass
 class DemoConfig:
@@ -29,13 +47,21 @@ class DemoConfig:
     lr: float = 3e-3
     batch_size: int = 32
     block_size: int = 64
-    num_grads: int = 512
-    grad_batch_size: int = 16
-    # searched once on seed 0 over relative λ in {1e-4, 1e-2, 1e-1, 1} (README), then fixed
-    damp: float = 1e-2
-    damp_mode: str = "relative"
+    # gradients of 2 images: the training split (1005 images) holds 502 distinct batches, so
+    # no batch is used twice
+    num_grads: int = 500
+    grad_batch_size: int = 2
+    damps: tuple[tuple[str, float], ...] = DAMP_GRID
+    val_fraction: float = 0.2  # of the training split, held out to choose λ
     out: str = "ovit_out"
     model: dict = field(default_factory=lambda: {"dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 2.0})
+
+
+def damp_label(damp: tuple[str, float] | None) -> str:
+    """``("relative", 0.01)`` → ``"rel 1e-02"``; None (a method without λ) → ``"-"``."""
+    if damp is None:
+        return "-"
+    return f"{'abs' if damp[0] == 'absolute' else 'rel'} {damp[1]:.0e}"
 
 
 def cache_dir() -> str:
@@ -43,8 +69,12 @@ def cache_dir() -> str:
     return os.path.join(base, "ovit")
 
 
-def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Digits as (N, 1, 8, 8) float tensors in [0, 1]; a stratified 70/30 split per seed."""
+def load_digits_split(
+    seed: int, val_fraction: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Digits as (N, 1, 8, 8) float tensors in [0, 1]: a stratified 70/30 train/test split per
+    seed, and ``val_fraction`` of the training part held out as a validation split (stratified).
+    Returns ``(x_train, y_train, x_val, y_val, x_test, y_test)``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -53,7 +83,10 @@ def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     y = torch.tensor(d.target, dtype=torch.int64)
     idx = torch.arange(len(y)).numpy()
     tr, te = train_test_split(idx, test_size=0.3, random_state=seed, stratify=d.target)
-    return x[tr], y[tr], x[te], y[te]
+    va = tr[:0]
+    if val_fraction > 0:
+        tr, va = train_test_split(tr, test_size=val_fraction, random_state=seed, stratify=d.target[tr])
+    return x[tr], y[tr], x[va], y[va], x[te], y[te]
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -64,7 +97,9 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(cfg: DemoConfig, seed: int, x: torch.Tensor, y: torch.Tensor, log=print) -> TinyViT:
     """Train (or load from the cache) the dense model of one seed."""
-    key = hashlib.sha1(json.dumps([seed, cfg.epochs, cfg.lr, cfg.batch_size, cfg.model], sort_keys=True).encode())
+    key = hashlib.sha1(
+        json.dumps([seed, cfg.epochs, cfg.lr, cfg.batch_size, cfg.model, cfg.val_fraction], sort_keys=True).encode()
+    )
     path = os.path.join(cache_dir(), f"digits_vit_{key.hexdigest()[:12]}.pt")
     torch.manual_seed(seed)
     model = TinyViT(**cfg.model)
@@ -96,17 +131,24 @@ def train(cfg: DemoConfig, seed: int, x: torch.Tensor, y: torch.Tensor, log=prin
 
 
 def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
-    """Train, prune by every method at every sparsity, print the table, write the plot.
+    """Train, prune by every method at every sparsity (the second-order methods at every λ of
+    the grid), choose each method's λ on the validation split, print the table, write the plot.
 
-    Returns ``{"dense": [acc per seed], "results": {method: {sparsity: [acc per seed]}}, ...}``.
+    Returns ``{"dense": [test acc per seed], "results": {method: {sparsity: [test acc per seed
+    at the chosen λ]}}, "chosen_damp": {method: {sparsity: label}}, "search": {...}, ...}``.
     """
     cfg = cfg or DemoConfig()
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    fisher_methods = [m for m in cfg.methods if m in FISHER_METHODS]
+    grid: dict[str, list] = {m: (list(cfg.damps) if m in FISHER_METHODS else [None]) for m in cfg.methods}
+    # accuracies[split][method][sparsity][damp index] = [per seed]
+    acc: dict = {sp: {m: {s: [[] for _ in grid[m]] for s in cfg.sparsities} for m in cfg.methods}
+                 for sp in ("val", "test")}  # fmt: skip
     dense_acc: list[float] = []
-    res: dict[str, dict[float, list[float]]] = {m: {s: [] for s in cfg.sparsities} for m in cfg.methods}
     t_all = time.perf_counter()
+    t_prune = 0.0
     for seed in cfg.seeds:
-        xtr, ytr, xte, yte = load_digits_split(seed)
+        xtr, ytr, xva, yva, xte, yte = load_digits_split(seed, cfg.val_fraction)
         dense = train(cfg, seed, xtr, ytr, log)
         dense_acc.append(accuracy(dense, xte, yte))
         gen = torch.Generator().manual_seed(seed + 1000)
@@ -115,51 +157,75 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
             (xtr[perm[i : i + cfg.grad_batch_size]], ytr[perm[i : i + cfg.grad_batch_size]])
             for i in range(0, len(ytr) - cfg.grad_batch_size + 1, cfg.grad_batch_size)
         ]
-        shared: dict[str, torch.Tensor] = {}  # oViT and WoodFisher share one Fisher per seed
+        t0 = time.perf_counter()
+        shared: dict = {}  # the Gram of the gradients, sampled once per seed for every method and λ
         for method in cfg.methods:
-            for s in cfg.sparsities:
-                model = TinyViT(**cfg.model)
-                model.load_state_dict(dense.state_dict())
-                one_shot_prune(
-                    model,
-                    data,
-                    s,
-                    method=method,
-                    block_size=cfg.block_size,
-                    num_grads=cfg.num_grads,
-                    damp=cfg.damp,
-                    damp_mode=cfg.damp_mode,
-                    progress=False,
-                    fisher_cache=shared,
-                )
-                res[method][s].append(accuracy(model, xte, yte))
-        log(
-            f"seed {seed}: dense {dense_acc[-1]:.4f}; "
-            + ", ".join(f"{m}@{s:.0%} {res[m][s][-1]:.3f}" for m in cfg.methods for s in cfg.sparsities)
-        )
+            for di, damp in enumerate(grid[method]):
+                mode, lam = damp if damp is not None else ("absolute", 1e-8)
+                for s in cfg.sparsities:
+                    model = TinyViT(**cfg.model)
+                    model.load_state_dict(dense.state_dict())
+                    one_shot_prune(
+                        model,
+                        data,
+                        s,
+                        method=method,
+                        block_size=cfg.block_size,
+                        num_grads=cfg.num_grads,
+                        damp=lam,
+                        damp_mode=mode,
+                        progress=False,
+                        fisher_cache=shared if method in fisher_methods else None,
+                    )
+                    acc["val"][method][s][di].append(accuracy(model, xva, yva) if len(yva) else float("nan"))
+                    acc["test"][method][s][di].append(accuracy(model, xte, yte))
+        t_prune += time.perf_counter() - t0
+        log(f"seed {seed}: dense {dense_acc[-1]:.4f}, pruned every method in {time.perf_counter() - t0:.0f} s")
 
     def mean(v: list[float]) -> float:
         return sum(v) / len(v)
 
+    chosen: dict[str, dict[float, int]] = {}
+    for m in cfg.methods:  # each method and sparsity at its own best λ on the validation split
+        chosen[m] = {}
+        for s in cfg.sparsities:
+            vals = [mean(v) for v in acc["val"][m][s]]
+            chosen[m][s] = max(range(len(vals)), key=lambda i, vals=vals: (vals[i], -i))
+    res = {m: {s: acc["test"][m][s][chosen[m][s]] for s in cfg.sparsities} for m in cfg.methods}
+    labels = {m: {s: damp_label(grid[m][chosen[m][s]]) for s in cfg.sparsities} for m in cfg.methods}
     dmean = mean(dense_acc)
-    head = f"{'method':<18}" + "".join(f"{f'{s:.0%}':>9}" for s in cfg.sparsities)
-    lines = [f"held-out accuracy, mean of {len(cfg.seeds)} seed(s); dense {dmean:.4f}", head, "-" * len(head)]
+    head = f"{'method':<18}" + "".join(f"{f'{s:.0%}':>20}" for s in cfg.sparsities)
+    lines = [
+        f"held-out (test) accuracy, mean of {len(cfg.seeds)} seed(s); dense {dmean:.4f}; "
+        "λ chosen per method and sparsity on the validation split",
+        head,
+        "-" * len(head),
+    ]
     for m in cfg.methods:
-        lines.append(f"{m:<18}" + "".join(f"{mean(res[m][s]):>9.4f}" for s in cfg.sparsities))
+        cells = "".join(f"{f'{mean(res[m][s]):.4f} ({labels[m][s]})':>20}" for s in cfg.sparsities)
+        lines.append(f"{m:<18}{cells}")
     log("\n".join(lines))
     os.makedirs(cfg.out, exist_ok=True)
     png = os.path.join(cfg.out, "digits_accuracy.png")
     _plot(png, cfg, dmean, {m: [mean(res[m][s]) for s in cfg.sparsities] for m in cfg.methods})
+    search = {
+        m: {str(s): {damp_label(d): {sp: acc[sp][m][s][i] for sp in ("val", "test")} for i, d in enumerate(grid[m])}
+            for s in cfg.sparsities}
+        for m in cfg.methods
+    }  # fmt: skip
     summary = {
         "config": asdict(cfg),
         "dense": dense_acc,
         "results": {m: {str(s): v for s, v in d.items()} for m, d in res.items()},
+        "chosen_damp": {m: {str(s): v for s, v in d.items()} for m, d in labels.items()},
+        "search": search,
         "seconds": time.perf_counter() - t_all,
+        "pruning_seconds": t_prune,
         "plot": png,
     }
     with open(os.path.join(cfg.out, "digits_results.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    log(f"plot: {png}; results: {os.path.join(cfg.out, 'digits_results.json')}")
+    log(f"pruning took {t_prune:.0f} s; plot: {png}; results: {os.path.join(cfg.out, 'digits_results.json')}")
     return summary
 
 
@@ -176,7 +242,7 @@ def _plot(path: str, cfg: DemoConfig, dense: float, curves: dict[str, list[float
     ax.axhline(dense, color="k", linestyle="--", label="dense")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("One-shot pruning of a small ViT on digits")
+    ax.set_title("One-shot pruning of a small ViT on digits (each method at its best λ)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

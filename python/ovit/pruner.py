@@ -306,9 +306,12 @@ def one_shot_prune(
             update reads and writes the whole state once).
         backend: ovit_kernels backend for every op.
         progress: show a progress bar while sampling.
-        fisher_cache: a dict to share Fisher inverses between calls on the same dense model
-            (e.g. several methods or sparsities): filled on the first call, reused after. It
-            is only valid while the weights and their zeros are unchanged.
+        fisher_cache: a dict to share the gradient statistics between calls on the same dense
+            model (several methods, sparsities or dampings): filled on the first call, reused
+            after. It holds each layer's float64 Gram Σ g gᵀ (the damping is applied at every
+            call, so a damping search samples once; with ``fisher_method="woodbury"`` the
+            damping is folded into the state, and the cache keeps one per damping). It is only
+            valid while the weights and their zeros, the data and ``num_grads`` are unchanged.
     """
     t_start = time.perf_counter()
     if method not in METHODS:
@@ -390,14 +393,28 @@ def one_shot_prune(
             )
             if progress:
                 print(f"ovit: {notes[-1]}")
-        cached = fisher_cache is not None and all(ly.name in fisher_cache for ly in players)
+        woodbury = fisher_method == "woodbury"
+
+        def cache_key(ly: PrunableLayer) -> str:
+            return f"{ly.name}@{damp_mode}:{damp!r}" if woodbury else ly.name
+
+        cached = fisher_cache is not None and all(cache_key(ly) in fisher_cache for ly in players)
         if cached:
             groups, passes = [players], 0
-            notes.append("Fisher inverses taken from fisher_cache")
+            notes.append("gradient statistics taken from fisher_cache")
         for gi, grp in enumerate(groups):
             if cached:
+                t0 = time.perf_counter()
                 for ly in grp:
-                    finvs[ly.name] = fisher_cache[ly.name].to(device)
+                    entry = fisher_cache[cache_key(ly)]
+                    taken = entry["num_grads"]
+                    if woodbury:
+                        finvs[ly.name] = entry["finv"].to(device)
+                        continue
+                    acc = ok.FisherInverse.from_gram(entry["gram"].to(device), taken, damp, damp_mode=damp_mode,
+                                                     dtype=fisher_dtype, backend=backend, name=ly.name)  # fmt: skip
+                    finvs[ly.name] = acc.compute()
+                times["fisher_inverse"] = time.perf_counter() - t0
                 break
             accs = {
                 ly.name: ok.FisherInverse(
@@ -442,14 +459,17 @@ def one_shot_prune(
                 )
             t0 = time.perf_counter()
             for ly in grp:
-                finvs[ly.name] = accs.pop(ly.name).compute()
+                acc = accs.pop(ly.name)
+                if fisher_cache is not None and not woodbury:
+                    fisher_cache[cache_key(ly)] = {"gram": acc.gram().to(store), "num_grads": taken}
+                finvs[ly.name] = acc.compute()
             _sync(device)
             times["fisher_inverse"] = times.get("fisher_inverse", 0.0) + time.perf_counter() - t0
             _while_on_device(grp)
             for ly in grp:
                 finvs[ly.name] = finvs[ly.name].to(store)
-                if fisher_cache is not None:
-                    fisher_cache[ly.name] = finvs[ly.name]
+                if fisher_cache is not None and woodbury:
+                    fisher_cache[cache_key(ly)] = {"finv": finvs[ly.name], "num_grads": taken}
         if cached:
             _while_on_device(players)
 

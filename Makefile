@@ -22,7 +22,7 @@ print(" ".join("-I" + d for d in dirs if os.path.isdir(d)))
 endef
 export BINDINGS_FLAGS
 
-$(STAMP): requirements-dev.txt pyproject.toml setup.py
+$(STAMP): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/cpu/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt

@@ -1,5 +1,11 @@
 """Build ovit-kernels.
 
+The CPU extension ``ovit_kernels._cpu`` (``csrc/cpu``, torch-free C++ with a pybind11 binding) is
+built whenever a C++ compiler is present (``OVIT_BUILD_CPU=auto``, the default; ``1`` fails
+loudly if it cannot, ``0`` never builds it); under ``auto`` a failed build only warns, and the
+package works without it (the reference backend runs CPU tensors). It is compiled for the
+building machine (``-march=native``; ``OVIT_CPU_ARCH`` overrides, e.g. ``x86-64-v3``).
+
 The CUDA extension ``ovit_kernels._C`` is built when a CUDA-enabled torch and nvcc are present
 (``OVIT_BUILD_CUDA=auto``, the default), always (``OVIT_BUILD_CUDA=1``, failing loudly if it
 cannot) or never (``OVIT_BUILD_CUDA=0``: pure Python, Triton and reference backends only).
@@ -10,8 +16,9 @@ kernel uses sm_90a-only instructions. Offline on a GPU machine:
 
 import glob
 import os
+import shutil
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KNOB = os.environ.get("OVIT_BUILD_CUDA", "auto").strip().lower()
@@ -61,7 +68,41 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _cpu_extension() -> list:
+    knob = os.environ.get("OVIT_BUILD_CPU", "auto").strip().lower()
+    if knob in OFF:
+        return []
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        if knob in ON:
+            raise RuntimeError("OVIT_BUILD_CPU=1 but no C++ compiler was found")
+        print("ovit-kernels: no C++ compiler, the CPU kernels are not built (the reference backend runs CPU tensors)")
+        return []
+    try:
+        import pybind11
+
+        includes = [pybind11.get_include()]
+    except ImportError:  # torch ships the pybind11 headers
+        import torch
+
+        includes = [os.path.join(os.path.dirname(torch.__file__), "include")]
+    arch = os.environ.get("OVIT_CPU_ARCH", "native")
+    return [
+        Extension(
+            "ovit_kernels._cpu",
+            sources=["csrc/cpu/kernels.cpp", "csrc/cpu/bindings.cpp"],
+            include_dirs=[os.path.join(ROOT, "csrc", "cpu"), *includes],
+            # -fno-wrapv: Python's CFLAGS bring -fwrapv, which keeps the int-indexed loops from vectorising
+            extra_compile_args=["-O3", "-fno-wrapv", "-std=c++17", "-pthread", f"-march={arch}"],
+            extra_link_args=["-pthread"],
+            language="c++",
+            optional=knob not in ON,
+        )
+    ]
+
+
 ext_modules, cmdclass = _extensions()
+ext_modules = _cpu_extension() + ext_modules
 
 setup(
     packages=find_packages(include=["ovit_kernels", "ovit_kernels.*"]) + find_packages("python"),

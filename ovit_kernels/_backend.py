@@ -7,11 +7,12 @@ variable, then ``"auto"``.
   :class:`BackendUnavailableError` saying why (not loaded, wrong device, no kernel for this
   op, a block or format its kernels do not hold, a failed first-use self-check). It never
   hands the work to another backend.
-* ``"auto"`` tries, in order, cuda, triton and the reference for CUDA tensors, and the
+* ``"auto"`` tries, in order, cuda, triton and the reference for CUDA tensors, and cpu and the
   reference for CPU tensors (``AUTO_ORDER``), and takes the first that can run the case and
   passes its self-check. Every backend it skips for a reason other than not being loaded is
-  recorded in :func:`available_backends` (``events``); skipping a loaded kernel backend down
-  to the reference, or because of a failed self-check, also warns, once per kind.
+  recorded in :func:`available_backends` (``events``); skipping down to the reference a loaded
+  kernel backend that has a kernel for the op but declined the case (a block size, a format),
+  or one that failed its self-check, also warns, once per kind.
 * Two steps have one device-generic implementation that every backend uses by design
   (``SHARED_OPS``): the Gram accumulation is a batched float64 GEMM (``torch.baddbmm``, cuBLAS
   on a GPU) and the global selection is one device sort. A backend may replace them with its
@@ -38,13 +39,13 @@ import torch
 
 from .errors import BackendUnavailableError
 
-BACKENDS = ("cuda", "triton", "reference")
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 SHARED_OPS = {
     "gram_update_": "batched float64 GEMM (torch.baddbmm), shared by every backend",
     "prune_counts": "one device sort over all layers (torch.sort), shared by every backend",
 }
-_MODULES = {"reference": ".reference", "triton": ".triton_backend", "cuda": ".cuda_backend"}
+_MODULES = {"reference": ".reference", "triton": ".triton_backend", "cuda": ".cuda_backend", "cpu": ".cpu_backend"}
 _cache: dict[str, ModuleType | str] = {}
 _events: dict[str, list[str]] = {}
 _warned: set[str] = set()
@@ -166,7 +167,7 @@ def available_backends() -> dict[str, BackendStatus]:
     """Say which backends are usable in this process, what each runs, and what happened.
 
     Returns:
-        ``{"cuda": BackendStatus, "triton": BackendStatus, "reference": BackendStatus}``; each
+        ``{"cuda": ..., "triton": ..., "cpu": ..., "reference": BackendStatus}``; each
         carries the ops it runs with its own code and the dispatch events of this process
         (fallbacks taken by ``"auto"``, first-use self-check results).
     """
@@ -251,7 +252,10 @@ def implementation(case: Case, backend: str | None = None) -> tuple[str, Callabl
             if bad is None:
                 for other, reason, failed_check in skipped:  # a failed self-check has warned already
                     if _module_status(other).available:
-                        warn = not failed_check and name == "reference"
+                        # worth a warning: a kernel that exists but declined this case, down to the reference
+                        mod = _load(other)
+                        has_op = not isinstance(mod, str) and case.op in mod.OPS
+                        warn = not failed_check and name == "reference" and has_op
                         record(other, f"auto ran {case.describe()} on {name}: {other} {reason}", warn)
                 return name, fn
             skipped.append((name, f"failed its self-check ({bad})", True))

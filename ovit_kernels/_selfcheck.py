@@ -107,7 +107,7 @@ def _spd_inverse(nb: int, b: int, dev: torch.device, gen: torch.Generator, coupl
     """(nb, b, b) float64 inverse of a well-conditioned Fisher: I + coupling · X Xᵀ / (2b)."""
     x = _rand(nb, b, 2 * b, dev=dev, gen=gen)
     f = torch.eye(b, dtype=torch.float64, device=dev) + coupling * (x @ x.transpose(1, 2)) / (2 * b)
-    return torch.linalg.inv(f)
+    return torch.cholesky_inverse(torch.linalg.cholesky(f))  # not LU: batched LU has stalled on CPUs
 
 
 def _variant_nm(variant: str) -> tuple[int, int] | None:

@@ -147,6 +147,7 @@ class FisherInverse:
         self.check_finite = check_finite
         self.device = None if device is None else torch.device(device)
         self.seen = 0
+        self._rejected = False
         self._state: torch.Tensor | None = None
         self._result: torch.Tensor | None = None
 
@@ -177,8 +178,9 @@ class FisherInverse:
             return
         if self.num_grads is not None and self.seen + chunk.shape[0] > self.num_grads:
             raise ValueError(f"more gradients than num_grads={self.num_grads} for {self.name or 'this Fisher'}")
-        if self.check_finite:
-            _checks.finite("gradient chunk" + (f" of {self.name!r}" if self.name else ""), chunk)
+        if self._rejected:
+            raise RuntimeError(f"{self.name or 'this Fisher'} took part of a chunk with NaN/Inf: make a new one")
+        what = "gradient chunk" + (f" of {self.name!r}" if self.name else "")
         if self._state is None:
             dev = self.device or chunk.device
             self.device = dev
@@ -190,12 +192,22 @@ class FisherInverse:
             chunk = chunk[:, start * self.block_size : stop * self.block_size]
         chunk = chunk.contiguous()
         if self.method == "woodbury":
-            _, fn = _backend.implementation(_woodbury_case(self._state, chunk), self.backend)
-            fn(self._state, chunk, float(self.num_grads))
+            case = _woodbury_case(self._state, chunk)
+            args: tuple = (self._state, chunk, float(self.num_grads))
         else:
             case = _backend.Case("gram_update_", self.device, torch.float64, self.block_size)
-            _, fn = _backend.implementation(case, self.backend)
-            fn(self._state, chunk)
+            args = (self._state, chunk)
+        _, fn = _backend.implementation(case, self.backend)
+        counts = getattr(fn, "counts_nonfinite", False)  # the kernel counts them as it reads them
+        if self.check_finite and not counts:
+            _checks.finite(what, chunk)
+        bad = fn(*args)
+        if self.check_finite and counts and bad:
+            self._rejected = True
+            raise ValueError(
+                f"{what} contains {bad} NaN/Inf value(s); the accumulator has taken part of it and cannot be used "
+                "further"
+            )
         self.seen += chunk.shape[0]
 
     def gram(self) -> torch.Tensor:
@@ -244,6 +256,8 @@ class FisherInverse:
         """
         if self._result is not None:
             return self._result
+        if self._rejected:
+            raise RuntimeError(f"{self.name or 'this Fisher'} took part of a chunk with NaN/Inf: make a new one")
         if self.seen == 0:
             raise ValueError(f"no gradients were given to {self.name or 'this Fisher'}")
         if self.num_grads is not None and self.seen != self.num_grads:

@@ -15,8 +15,8 @@ from . import _backend, _checks
 from .errors import NotPositiveDefiniteError
 
 _PIVOT_HINT = (
-    "a pivot H_qq <= 0 or a non-finite score was met even in float64; "
-    "the inverse is not positive definite: use a larger damp"
+    "a pivot H_qq <= 0, a non-finite score or NaN/Inf among the inputs was met even in float64; "
+    "the inverse is not positive definite or not finite: use a larger damp"
 )
 
 
@@ -115,10 +115,12 @@ def obs_prune_order(
         lost = mask.view(nb, b // m, m).sum(-1)
         if bool((lost > m - n).any()):
             raise ValueError(f"mask already prunes more than {m - n} of {m} entries in some N:M group")
-    _checks.finite("w_blocks", w_blocks)
-    _positive_diag(finv)
     variant = "+".join(v for v in ("mask" if mask is not None else "", f"nm={nm[0]}:{nm[1]}" if nm else "") if v)
     _, fn = _backend.implementation(_backend.Case("obs_prune_order", finv.device, finv.dtype, b, variant), backend)
+    scans = getattr(fn, "scans_inputs", False)  # the kernel flags blocks with NaN/Inf inputs itself
+    if not scans:
+        _checks.finite("w_blocks", w_blocks)
+    _positive_diag(finv, whole=not scans)
     order, loss, bad = fn(w_blocks, finv, mask, nm)
 
     def run64(idx: torch.Tensor) -> torch.Tensor:
@@ -224,9 +226,11 @@ def obs_reconstruct(
             raise ValueError("order repeats a position within a block")
     if bool(((counts < 0) | (counts > order.shape[1])).any()):
         raise ValueError(f"counts must lie in [0, {order.shape[1]}]")
-    _checks.finite("w_blocks", w_blocks)
-    _positive_diag(finv)
     _, fn = _backend.implementation(_backend.Case("obs_reconstruct", finv.device, finv.dtype, b), backend)
+    scans = getattr(fn, "scans_inputs", False)
+    if not scans:
+        _checks.finite("w_blocks", w_blocks)
+    _positive_diag(finv, whole=not scans)
     w_new, keep, bad = fn(w_blocks, finv, order, counts)
 
     def run64(idx: torch.Tensor) -> torch.Tensor:

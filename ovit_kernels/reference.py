@@ -258,8 +258,15 @@ def prune_counts(losses: list[torch.Tensor], sparsity: float, exclude: list[torc
     k = math.floor(sparsity * key.numel() + 0.5)
     counts = torch.zeros(offset, dtype=torch.int64, device=device)
     if k > 0:
-        chosen = torch.sort(key, stable=True).indices[:k]
-        counts += torch.bincount(owner[chosen], minlength=offset)
+        # the K smallest keys, ties taken in (layer, block, step) order — the array's order — as a
+        # stable sort would: everything below the K-th value, then the first of the entries equal
+        # to it. A selection (O(N)) instead of a sort.
+        thr = torch.kthvalue(key, k).values
+        below = key < thr
+        tied = (key == thr).nonzero().flatten()
+        need = k - int(below.sum())
+        counts += torch.bincount(owner[below], minlength=offset)
+        counts += torch.bincount(owner[tied[:need]], minlength=offset)
     out = list(torch.split(counts, sizes))
     if exclude is not None:
         out = [c + e.to(torch.int64) for c, e in zip(out, exclude)]

@@ -25,12 +25,14 @@ def _cuda_ready() -> bool:
     return HAS_CUDA and ok.available_backends()["cuda"].available
 
 
-@pytest.fixture(params=["triton", "cuda", "cuda-emulated"])
+@pytest.fixture(params=["triton", "cuda", "cuda-emulated", "cpu"])
 def backend(request):
-    """Each kernel backend: Triton (interpreter on a CPU), CUDA on a GPU, and on a CPU the CUDA
-    backend with its kernels emulated (tests/emu)."""
+    """Each kernel backend: Triton (interpreter on a CPU), CUDA on a GPU, on a CPU the CUDA
+    backend with its kernels emulated (tests/emu), and the C++ CPU kernels."""
     if request.param == "cuda" and not _cuda_ready():
         pytest.skip("needs a GPU and ovit_kernels._C")
+    if request.param == "cpu" and not ok.available_backends()["cpu"].available:
+        pytest.skip(f"the cpu backend is not built: {ok.available_backends()['cpu'].reason}")
     if request.param == "cuda-emulated":
         if HAS_CUDA:
             pytest.skip("a GPU is here: the cuda tests run the real kernels")
@@ -42,12 +44,9 @@ def backend(request):
 
 
 SHAPES = [(3, 5), (1, 12), (2, 16), (3, 24)]
-# On a GPU the CUDA backend also runs blocks past the register tile (packed shared memory):
-# 150 (fp32 register tile, fp64 packed), 200 and 256 (fp32 packed; fp64 256 is refused).
-BIG = [
-    pytest.param(nb, b, marks=pytest.mark.skipif(not _cuda_ready(), reason="CUDA-only sizes"))
-    for nb, b in [(2, 150), (1, 200), (1, 256)]
-]
+# Blocks past the Triton tile: the CUDA backend runs them (150: fp32 register tile, fp64 packed;
+# 200 and 256: fp32 packed, fp64 256 is refused), so does the CPU backend; Triton refuses them.
+BIG = [(2, 150), (1, 200), (1, 256)]
 
 
 def refusal(backend: str, op: str, dtype: torch.dtype, b: int) -> str | None:
@@ -58,7 +57,7 @@ def refusal(backend: str, op: str, dtype: torch.dtype, b: int) -> str | None:
 
 
 def device_for(backend: str) -> str:
-    return "cuda" if HAS_CUDA else "cpu"
+    return "cuda" if HAS_CUDA and backend != "cpu" else "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -179,7 +178,8 @@ def test_reconstruct_scores_update_match_reference(backend, nb, b, gen):
 
 def test_selection_rules(monkeypatch):
     st = ok.available_backends()
-    assert set(st) == {"cuda", "triton", "reference"} and st["reference"].available
+    assert set(st) == {"cuda", "triton", "cpu", "reference"} and st["reference"].available
+    on_cpu = "cpu" if st["cpu"].available else "reference"  # auto's choice for CPU tensors
     from ovit_kernels import _backend
 
     cpu = torch.device("cpu")
@@ -188,7 +188,7 @@ def test_selection_rules(monkeypatch):
         return _backend.implementation(_backend.Case(op, cpu, torch.float64, **kw), backend)[0]
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve("obs_scores", block=8) == "reference"
+    assert resolve("obs_scores", block=8) == on_cpu
     assert resolve("obs_scores", "triton", block=8) == "triton"  # interpreter on
     with pytest.raises(ok.BackendUnavailableError, match="cuda"):
         resolve("obs_scores", "cuda", block=8)
@@ -205,3 +205,49 @@ def test_selection_rules(monkeypatch):
     if not HAS_CUDA:
         with pytest.raises(ok.BackendUnavailableError, match="TRITON_INTERPRET"):
             resolve("obs_scores", "triton", block=8)
+
+
+@pytest.mark.skipif(not ok.available_backends()["cpu"].available, reason="the cpu backend is not built")
+def test_cpu_kernels_give_the_same_results_on_one_and_two_threads(gen):
+    """Blocks are independent: the thread count (torch.get_num_threads) changes who computes a
+    block, never what it computes."""
+    w, h, mask, nm = elimination_inputs(7, 24, "nm+mask", gen)
+    g = torch.randn(40, 7 * 24, generator=gen, dtype=torch.float64)
+    counts = torch.randint(0, 13, (7,), generator=gen)
+    saved = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            order, loss = ok.obs_prune_order(w.float(), h.float(), mask=mask, nm=nm, backend="cpu")
+            rec = ok.obs_reconstruct(w, h, order, counts, backend="cpu")
+            gram = ok.fisher_inverse(g, 24, 1e-2, method="gram", backend="cpu")
+            wood = ok.fisher_inverse(g.float(), 24, 1e-2, method="woodbury", backend="cpu")
+            outs.append((order, loss, *rec, gram, wood))
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not ok.available_backends()["cpu"].available, reason="the cpu backend is not built")
+def test_cpu_kernels_report_nan_inputs_they_read(gen):
+    """The CPU kernels check the entries they read (no separate scan): a NaN gradient is
+    refused with its count, and the accumulator that took part of it refuses to go on; a NaN
+    entry of an inverse fails the elimination and the replay."""
+    g = torch.randn(6, 48, generator=gen)
+    g[2, 30] = float("nan")
+    g[4, 3] = float("inf")
+    for method in ("gram", "woodbury"):
+        acc = ok.FisherInverse(48, 12, 1e-2, 6, method=method, backend="cpu", name="fc1")
+        with pytest.raises(ValueError, match="'fc1' contains 2 NaN/Inf"):
+            acc.update(g)
+        with pytest.raises(RuntimeError, match="make a new one"):
+            acc.compute()
+    w, h = torch.randn(3, 12, generator=gen, dtype=torch.float64), random_fisher_inverse(3, 12, 40, 0.1, gen)[1]
+    h[1, 7, 2] = h[1, 2, 7] = float("nan")
+    with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[1\]"):
+        ok.obs_prune_order(w, h, backend="cpu")
+    order = torch.arange(12).repeat(3, 1)
+    with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[1\]"):
+        ok.obs_reconstruct(w, h, order, torch.tensor([2, 3, 4]), backend="cpu")

@@ -232,3 +232,16 @@ def test_reference_works_a_range_of_blocks_at_a_time(monkeypatch, gen):
         assert torch.equal(a, b)
     for a, b in zip(r_whole, reference.obs_reconstruct(w, h, o_whole, counts)):
         assert torch.equal(a, b)
+
+
+def test_prune_counts_equals_a_stable_sort_with_many_ties(gen):
+    """The selection (k-th value, then ties in (layer, block, step) order) picks exactly what a
+    stable sort of all cumulative losses would, on losses quantised to force many ties."""
+    layers = [torch.randint(0, 6, (nb, 12), generator=gen).double().cumsum(1) for nb in (5, 3, 7)]
+    flat = torch.cat([x.flatten() for x in layers])
+    owner = torch.cat([torch.arange(x.shape[0]).repeat_interleave(12) + off for x, off in zip(layers, (0, 5, 8))])
+    for s in (0.1, 0.37, 0.5, 0.83, 0.99):
+        k = math.floor(s * flat.numel() + 0.5)
+        want = torch.bincount(owner[torch.sort(flat, stable=True).indices[:k]], minlength=15)
+        got = torch.cat(ok.prune_counts(layers, s, backend="reference"))
+        assert torch.equal(got, want), s

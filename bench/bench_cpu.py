@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""The CPU backend against the original code's approach, at one DeiT-Tiny transformer block.
+
+Shapes: qkv 576×192, proj 192×192, fc1 768×192, fc2 192×768 (442 368 weights); B = 192,
+m = 256 gradients, λ = 1e-8, sparsity 0.75 — the one-shot pipeline without the sampling:
+Fisher inverses (float64 Gram + inverse, float32 result), greedy elimination (float32), global
+selection and the final weights. The baseline is ``bench/baselines.py`` (the original code's
+approach in torch ops: float32 rank-one Woodbury per gradient, elimination with weight traces,
+a global threshold and a trace lookup per block), timed in the same process. Each phase is
+the minimum of ``--reps`` runs; beside it, its floor: its flops over this CPU's measured GEMM
+rate (float64 for the Fisher, float32 for the rest), with the threads the run uses.
+
+    python bench/bench_cpu.py                   # the table (Markdown) and bench/out/bench_cpu.json
+    python bench/bench_cpu.py --under-load      # the same with another process busy on one core
+    pytest bench/bench_cpu.py --benchmark-only  # pytest-benchmark view of the ovit phases
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from baselines import fisher_rank_one, greedy_with_traces  # noqa: E402
+
+import ovit_kernels as ok  # noqa: E402
+
+SHAPES = {"qkv": (576, 192), "proj": (192, 192), "fc1": (768, 192), "fc2": (192, 768)}
+B, M, DAMP, SPARSITY = 192, 256, 1e-8, 0.75
+
+
+def problem(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: (m, N) float32 gradients and (N/B, B) float32 weights. The gradients are
+    low-rank-plus-noise, as real ones are, so the Fisher is not a random matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (o, i) in SHAPES.items():
+        n = o * i
+        basis = torch.randn(32, n, generator=gen)
+        grads = torch.randn(M, 32, generator=gen) @ basis + 0.1 * torch.randn(M, n, generator=gen)
+        out[name] = (grads / n**0.5, torch.randn(n // B, B, generator=gen))
+    return out
+
+
+def ovit_phases(prob: dict, backend: str) -> dict[str, float]:
+    """Seconds per phase of ovit_kernels: Fisher (Gram in chunks of 128 + inverse), elimination,
+    selection (one global sort), final weights (replay)."""
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    finvs = {}
+    for name, (g, _) in prob.items():
+        acc = ok.FisherInverse(g.shape[1], B, DAMP, method="gram", backend=backend, name=name)
+        for chunk in g.split(128):
+            acc.update(chunk)
+        finvs[name] = acc.compute()
+    t1 = time.perf_counter()
+    orders, losses = {}, {}
+    for name, (_, w) in prob.items():
+        orders[name], losses[name] = ok.obs_prune_order(w, finvs[name], backend=backend)
+    t2 = time.perf_counter()
+    counts = ok.prune_counts([losses[n] for n in prob], SPARSITY, backend=backend)
+    t3 = time.perf_counter()
+    for (name, (_, w)), c in zip(prob.items(), counts):
+        ok.obs_reconstruct(w, finvs[name], orders[name], c, backend=backend)
+    t4 = time.perf_counter()
+    t.update(fisher=t1 - t0, elimination=t2 - t1, selection=t3 - t2, final_weights=t4 - t3)
+    return t
+
+
+def baseline_phases(prob: dict) -> dict[str, float]:
+    """Seconds per phase of the original code's approach (bench/baselines.py)."""
+    t0 = time.perf_counter()
+    finvs = {name: fisher_rank_one(g, B, DAMP, M) for name, (g, _) in prob.items()}
+    t1 = time.perf_counter()
+    traces = {name: greedy_with_traces(w, finvs[name]) for name, (_, w) in prob.items()}
+    t2 = time.perf_counter()
+    # a global threshold over every layer's cumulative losses, then one trace row per block
+    allloss = torch.cat([tr[0].flatten() for tr in traces.values()])
+    k = int(SPARSITY * allloss.numel() + 0.5)
+    thr = torch.kthvalue(allloss, max(k, 1)).values.item()
+    t3 = time.perf_counter()
+    for losses, _, trace in traces.values():
+        counts = (losses <= thr).sum(1)
+        out = torch.empty(losses.shape, dtype=trace.dtype)
+        for i in range(losses.shape[0]):
+            out[i] = trace[int(counts[i]), i]
+    t4 = time.perf_counter()
+    return {"fisher": t1 - t0, "elimination": t2 - t1, "selection": t3 - t2, "final_weights": t4 - t3}
+
+
+def floors(threads: int) -> dict[str, float]:
+    """Each phase's flops over this CPU's GEMM rate (float64 for the Fisher, float32 after)."""
+    from ovit_kernels._precision import no_tf32
+
+    rates = {}
+    for dt in (torch.float64, torch.float32):
+        a = torch.randn(1536, 1536, dtype=dt)
+        with no_tf32():
+            a @ a
+            t0 = time.perf_counter()
+            for _ in range(3):
+                a @ a
+        rates[dt] = 3 * 2 * 1536**3 / (time.perf_counter() - t0)
+    n = sum(o * i for o, i in SHAPES.values())
+    flops = {
+        "fisher": n * B * M + n * B * B,  # symmetric Gram (m rank-one terms), inverse (B³ per block)
+        "elimination": n * B * B / 3,  # B³/6 multiply-adds per block (compact active set)
+        "final_weights": n * B * B / 3 * (1 - (1 - SPARSITY) ** 3),  # the replayed prefix only
+    }
+    out = {k: v / rates[torch.float64 if k == "fisher" else torch.float32] for k, v in flops.items()}
+    out["gemm_GFLOPs_fp64"] = rates[torch.float64] / 1e9
+    out["gemm_GFLOPs_fp32"] = rates[torch.float32] / 1e9
+    out["threads"] = threads
+    return out
+
+
+def _min_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: min(r[k] for r in runs) for k in runs[0]}
+
+
+def busy_process() -> subprocess.Popen:
+    """Another process keeping one core busy (pure Python arithmetic, no threads of its own)."""
+    return subprocess.Popen([sys.executable, "-c", "x = 0\nwhile True:\n    x = (x * 31 + 7) % 1000003"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--under-load", action="store_true", help="also time the ovit phases with a busy process")
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    prob = problem()
+    backend = "cpu" if ok.available_backends()["cpu"].available else "reference"
+    ovit_phases(prob, backend)  # first use: self-checks, allocations
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+        "backend": backend,
+        "threads": args.threads,
+        "ovit": _min_phases([ovit_phases(prob, backend) for _ in range(args.reps)]),
+        "reference": _min_phases([ovit_phases(prob, "reference") for _ in range(args.reps)]),
+        "floor": floors(args.threads),
+    }
+    if not args.skip_baseline:
+        report["original"] = _min_phases([baseline_phases(prob) for _ in range(args.reps)])
+    if args.under_load:
+        p = busy_process()
+        try:
+            time.sleep(0.5)
+            report["ovit_under_load"] = _min_phases([ovit_phases(prob, backend) for _ in range(args.reps)])
+        finally:
+            p.kill()
+    phases = ["fisher", "elimination", "selection", "final_weights"]
+    rows = [("ovit " + backend, report["ovit"]), ("ovit reference", report["reference"])]
+    if "original" in report:
+        rows.insert(0, ("original approach", report["original"]))
+    if "ovit_under_load" in report:
+        rows.append((f"ovit {backend}, one core busy", report["ovit_under_load"]))
+    print(f"DeiT-Tiny block, B = {B}, m = {M}, {args.threads} threads, min of {args.reps}; seconds")
+    print("| | " + " | ".join(phases) + " | all |")
+    print("|---|" + "---|" * (len(phases) + 1))
+    for label, r in rows:
+        print(f"| {label} | " + " | ".join(f"{r[p]:.3f}" for p in phases) + f" | {sum(r[p] for p in phases):.2f} |")
+    fl = report["floor"]
+    print("| floor (flops / GEMM rate) | " + " | ".join(f"{fl[p]:.3f}" if p in fl else "-" for p in phases) + " | |")
+    if "original" in report:
+        o, v = report["original"], report["ovit"]
+        ratio = {p: o[p] / v[p] for p in phases}
+        ratio["all"] = sum(o.values()) / sum(v.values())
+        report["speedup_vs_original"] = ratio
+        print("speed-up vs the original approach: " + ", ".join(f"{k} {r:.1f}×" for k, r in ratio.items()))
+    if "ovit_under_load" in report:
+        report["load_slowdown"] = sum(report["ovit_under_load"].values()) / sum(report["ovit"].values())
+        print(f"with one core busy: {report['load_slowdown']:.2f}× the idle time")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_cpu.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+@pytest.fixture(scope="module")
+def prob():
+    return problem()
+
+
+def test_ovit_cpu_pipeline(benchmark, prob):
+    """Fisher + elimination + selection + final weights at the DeiT-Tiny block."""
+    backend = "cpu" if ok.available_backends()["cpu"].available else "reference"
+    benchmark.extra_info.update(backend=backend, block=B, num_grads=M)
+    benchmark.pedantic(lambda: ovit_phases(prob, backend), rounds=2, iterations=1)
+
+
+if __name__ == "__main__":
+    main()

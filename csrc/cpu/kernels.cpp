@@ -1,0 +1,569 @@
+// CPU kernels (see ovit_cpu.h). One block at a time per thread, in a scratch that stays in cache.
+//
+// Symmetric blocks are kept as their upper triangle in a B×B row-major scratch (entry (i, j) with
+// i ≤ j at U[i·B + j]); a rank-one update then costs n²/2 multiply-adds on n active rows, the
+// inner loop runs over contiguous memory and vectorises. The greedy elimination also keeps its
+// active set compact: the pivot is swapped to the last active position, so the active block is
+// always the leading n×n one and every step touches (B − t)²/2 entries: B³/6 in all per block
+// instead of the B³ of a fixed layout.
+
+#include "ovit_cpu.h"
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+
+namespace ovit::cpu {
+
+namespace {
+
+void check_block(int B) {
+  if (B < 1 || B > kMaxBlock)
+    throw std::invalid_argument("block size " + std::to_string(B) + " is outside 1.." + std::to_string(kMaxBlock));
+}
+
+// Upper-triangle accessor of a symmetric B×B scratch.
+template <typename T>
+inline T& up(T* U, int B, int i, int j) {
+  return i <= j ? U[(int64_t)i * B + j] : U[(int64_t)j * B + i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one micro-kernel: C (upper triangle, n×n, row stride ldc) += Aᵀ B for A, B (k × n, row
+// stride ld ≥ n rounded up to kTc, zero-padded), in kTr × kTc register tiles over the k rows.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kTr = 8, kTc = 8;
+
+inline int padded(int n) { return (n + kTc - 1) / kTc * kTc; }
+
+void syrk_upper(double* __restrict C, int ldc, const double* __restrict A, const double* __restrict Bm, int ld, int n,
+                int64_t k) {
+  for (int r0 = 0; r0 < n; r0 += kTr) {
+    for (int c0 = r0 / kTc * kTc; c0 < n; c0 += kTc) {
+      double acc[kTr][kTc] = {};
+      const double* a = A + r0;
+      const double* b = Bm + c0;
+      for (int64_t l = 0; l < k; ++l, a += ld, b += ld) {
+#pragma GCC unroll 8
+        for (int rr = 0; rr < kTr; ++rr) {
+          const double av = a[rr];
+#pragma GCC unroll 8
+          for (int cc = 0; cc < kTc; ++cc) acc[rr][cc] += av * b[cc];
+        }
+      }
+      if (c0 >= r0 + kTr - 1 && r0 + kTr <= n && c0 + kTc <= n) {  // a whole tile above the diagonal
+        for (int rr = 0; rr < kTr; ++rr) {
+          double* c = C + (int64_t)(r0 + rr) * ldc + c0;
+#pragma GCC unroll 8
+          for (int cc = 0; cc < kTc; ++cc) c[cc] += acc[rr][cc];
+        }
+        continue;
+      }
+      for (int rr = 0; rr < kTr && r0 + rr < n; ++rr)
+        for (int cc = 0; cc < kTc && c0 + cc < n; ++cc)
+          if (c0 + cc >= r0 + rr) C[(int64_t)(r0 + rr) * ldc + c0 + cc] += acc[rr][cc];
+    }
+  }
+}
+
+// Returns the number of NaN/Inf gradient entries of the block (accumulated all the same).
+template <typename G>
+int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64_t col0, std::vector<double>& x) {
+  const int Bp = padded(B) + kTr;  // room for a row tile that starts near B
+  x.assign((size_t)k * Bp, 0.0);
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const G* src = grads + i * N + col0;
+    double* dst = x.data() + i * Bp;
+    for (int c = 0; c < B; ++c) {
+      dst[c] = static_cast<double>(src[c]);
+      nonfinite += !std::isfinite(dst[c]);
+    }
+  }
+  syrk_upper(g, B, x.data(), x.data(), Bp, B, k);
+  for (int r = 1; r < B; ++r)
+    for (int c = 0; c < r; ++c) g[(int64_t)r * B + c] = g[(int64_t)c * B + r];
+  return nonfinite;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Symmetric Gauss–Jordan sweep of every pivot, kPanel pivots at a time: A ← −A⁻¹ for SPD A.
+// Sweeping a set P of pivots at once gives A_PP ← −A_PP⁻¹, A_PR ← A_PP⁻¹ A_PR and
+// A_RR ← A_RR − A_RP A_PP⁻¹ A_PR: the last is the micro-kernel's rank-kPanel update.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kPanel = 16;
+
+// Unblocked sweep of a small symmetric matrix (full storage, n×n): X ← −X⁻¹; false if a pivot
+// was not positive (then X is not positive definite).
+bool sweep_small(double* X, int n) {
+  bool ok = true;
+  for (int k = 0; k < n; ++k) {
+    const double d = X[k * n + k];
+    if (!(d > 0.0) || !std::isfinite(d)) ok = false;
+    const double inv = 1.0 / d;
+    for (int i = 0; i < n; ++i) {
+      if (i == k) continue;
+      const double a = X[i * n + k] * inv;
+      for (int j = 0; j < n; ++j)
+        if (j != k) X[i * n + j] -= a * X[k * n + j];
+    }
+    for (int i = 0; i < n; ++i)
+      if (i != k) {
+        X[i * n + k] *= inv;
+        X[k * n + i] *= inv;
+      }
+    X[k * n + k] = -inv;
+  }
+  return ok;
+}
+
+struct SweepScratch {
+  std::vector<double> pan, y, x;
+};
+
+// U: B×B, upper triangle (row stride B). Returns false if F was not positive definite.
+bool sweep_all(double* U, int B, SweepScratch& s) {
+  const int Bp = padded(B) + kTr;
+  bool ok = true;
+  for (int p0 = 0; p0 < B; p0 += kPanel) {
+    const int pw = std::min(kPanel, B - p0);
+    s.pan.assign((size_t)pw * Bp, 0.0);  // rows P of the symmetric matrix
+    s.y.assign((size_t)pw * Bp, 0.0);    // −A_PP⁻¹ A_P·
+    s.x.resize((size_t)pw * pw);
+    double* pan = s.pan.data();
+    // rows P of the symmetric matrix, read along the upper triangle's rows: columns P of rows
+    // j < p0 (contiguous runs of pw), then rows P from the diagonal on
+    for (int j = 0; j < p0; ++j) {
+      const double* src = U + (int64_t)j * B + p0;
+      for (int r = 0; r < pw; ++r) pan[(int64_t)r * Bp + j] = src[r];
+    }
+    for (int r = 0; r < pw; ++r) {
+      const double* src = U + (int64_t)(p0 + r) * B;
+      for (int j = p0; j < p0 + r; ++j) pan[(int64_t)r * Bp + j] = U[(int64_t)j * B + p0 + r];
+      for (int j = p0 + r; j < B; ++j) pan[(int64_t)r * Bp + j] = src[j];
+    }
+    double* X = s.x.data();
+    for (int r = 0; r < pw; ++r)
+      for (int c = 0; c < pw; ++c) X[r * pw + c] = pan[(int64_t)r * Bp + p0 + c];
+    ok = sweep_small(X, pw) && ok;  // X = −A_PP⁻¹
+    double* y = s.y.data();
+    for (int r = 0; r < pw; ++r)
+      for (int c = 0; c < pw; ++c) {
+        const double a = X[r * pw + c];
+        const double* src = pan + (int64_t)c * Bp;
+        double* dst = y + (int64_t)r * Bp;
+        for (int j = 0; j < B; ++j) dst[j] += a * src[j];
+      }
+    syrk_upper(U, B, pan, y, Bp, B, pw);  // A_RR += A_RP (−A_PP⁻¹) A_PR (rows/cols in P are rewritten below)
+    for (int j = 0; j < p0; ++j) {  // A_PR ← A_PP⁻¹ A_PR, written along the same rows
+      double* dst = U + (int64_t)j * B + p0;
+      for (int r = 0; r < pw; ++r) dst[r] = -y[(int64_t)r * Bp + j];
+    }
+    for (int r = 0; r < pw; ++r) {
+      double* dst = U + (int64_t)(p0 + r) * B;
+      const double* src = y + (int64_t)r * Bp;
+      for (int j = p0 + pw; j < B; ++j) dst[j] = -src[j];
+    }
+    for (int r = 0; r < pw; ++r)
+      for (int c = r; c < pw; ++c) U[(int64_t)(p0 + r) * B + p0 + c] = X[r * pw + c];
+  }
+  return ok;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy elimination and its replay on one block: lower triangle (row i holds (i, j), j ≤ i), so
+// the pivot's column is a contiguous row once the pivot sits at the last active position; the
+// diagonal, the weights and the N:M penalties are kept in arrays beside it, so that scoring,
+// the weight update and the argmin are vector loops.
+// ---------------------------------------------------------------------------------------------
+
+// The trailing update row by row: row[j] −= a·h[j] for j < len, in whole vectors (the scratch
+// rows are padded, and the entries past the diagonal are never read).
+template <typename T>
+inline void axpy_rows(T* __restrict row, const T* __restrict h, T a, int len) {
+  constexpr int V = 64 / sizeof(T);
+  for (int j0 = 0; j0 < len; j0 += V) {
+#pragma GCC unroll 16
+    for (int c = 0; c < V; ++c) row[j0 + c] -= a * h[j0 + c];
+  }
+}
+
+template <typename T>
+struct ElimScratch {
+  std::vector<T> L, w, diag, pen, h, sc;
+  std::vector<int> orig, pos, lost, pending;
+};
+
+// Swap active positions a < b = n − 1 (rows and columns of the symmetric matrix, every array).
+template <typename T>
+void swap_positions(ElimScratch<T>& s, int ld, int a, int b) {
+  if (a == b) return;
+  T* L = s.L.data();
+  T* __restrict ra = L + (int64_t)a * ld;
+  T* __restrict rb = L + (int64_t)b * ld;
+  for (int i = 0; i < a; ++i) std::swap(ra[i], rb[i]);  // (a, i) ↔ (b, i): two row prefixes
+  for (int i = a + 1; i < b; ++i) std::swap(L[(int64_t)i * ld + a], rb[i]);  // (i, a) ↔ (b, i)
+  std::swap(ra[a], rb[b]);
+  std::swap(s.w[a], s.w[b]);
+  std::swap(s.diag[a], s.diag[b]);
+  std::swap(s.pen[a], s.pen[b]);
+  std::swap(s.orig[a], s.orig[b]);
+  s.pos[s.orig[a]] = a;
+  s.pos[s.orig[b]] = b;
+}
+
+// argmin of w²/diag + pen over positions [0, n): the lowest score, ties to the lowest original
+// index; NaN scores never win. Returns -1 when every score is NaN.
+template <typename T>
+int argmin_score(ElimScratch<T>& s, int n) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T* __restrict sc = s.sc.data();
+  const T* __restrict w = s.w.data();
+  const T* __restrict d = s.diag.data();
+  const T* __restrict pen = s.pen.data();
+  T best = inf;
+  bool any = false;
+  for (int j = 0; j < n; ++j) {
+    const T v = w[j] * w[j] / d[j] + pen[j];
+    sc[j] = v;
+    any |= (v == v);
+    best = v < best ? v : best;  // NaN compares false: never taken
+  }
+  if (!any) return -1;
+  int q = -1, q_orig = std::numeric_limits<int>::max();
+  for (int j = 0; j < n; ++j)
+    if (sc[j] == best && s.orig[j] < q_orig) {
+      q = j;
+      q_orig = s.orig[j];
+    }
+  return q;
+}
+
+template <typename T, bool REPLAY>
+void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int nsteps, int nm_n, int nm_m,
+                     const int64_t* order_in, int64_t* order_out, T* loss_out, T* w_out, uint8_t* pruned_out,
+                     uint8_t* bad_out, ElimScratch<T>& s) {
+  constexpr int V = 64 / sizeof(T);
+  const int ld = (B + V - 1) / V * V;  // padded rows: the update runs in whole vectors
+  s.L.assign((size_t)B * ld, T(0));
+  for (auto* v : {&s.w, &s.diag, &s.pen, &s.sc}) v->resize(B);
+  s.h.assign(ld, T(0));
+  s.orig.resize(B);
+  s.pos.resize(B);
+  T* L = s.L.data();
+  bool bad = false;  // NaN/Inf in the inputs (read once here) or a failed pivot later
+  for (int i = 0; i < B; ++i) {
+    const T* src = H0 + (int64_t)i * B;
+    T* dst = L + (int64_t)i * ld;
+    T probe = T(0);
+    for (int j = 0; j <= i; ++j) {
+      dst[j] = src[j];
+      probe += src[j] * T(0);  // NaN iff an entry is NaN or infinite
+    }
+    probe += w0[i] * T(0);
+    bad |= probe != T(0);
+  }
+  s.pending.clear();
+  for (int j = 0; j < B; ++j) {
+    const bool pre = !REPLAY && mask != nullptr && mask[j];
+    s.w[j] = pre ? T(0) : w0[j];
+    s.diag[j] = H0[(int64_t)j * B + j];
+    s.pen[j] = T(0);
+    s.orig[j] = j;
+    s.pos[j] = j;
+    if (pre) s.pending.push_back(j);
+  }
+  if (nm_m > 0) s.lost.assign(B / nm_m + 1, 0);
+  const T inf = std::numeric_limits<T>::infinity();
+  size_t next_pending = 0;
+  int n = B;
+  T cum = T(0);
+  for (int t = 0; t < nsteps; ++t) {
+    int q;
+    T sq = T(0);
+    if (REPLAY) {
+      q = s.pos[order_in[t]];
+    } else if (next_pending < s.pending.size()) {
+      q = s.pos[s.pending[next_pending++]];
+    } else {
+      q = argmin_score(s, n);
+      if (q < 0) {  // every score NaN: take the first eligible position, flagged
+        q = 0;
+        while (q < n - 1 && s.pen[q] == inf) ++q;
+        bad = true;
+      }
+      sq = s.w[q] * s.w[q] / s.diag[q];
+    }
+    const T d = s.diag[q];
+    if (!(d > T(0)) || !std::isfinite(d) || !std::isfinite(sq)) bad = true;
+    if (!REPLAY) {
+      cum += sq / T(2);
+      order_out[t] = s.orig[q];
+      loss_out[t] = cum;
+    }
+    const int p = n - 1;
+    swap_positions(s, ld, q, p);
+    T* __restrict h = s.h.data();
+    T* __restrict w = s.w.data();
+    T* __restrict dg = s.diag.data();
+    const T* __restrict rowp = L + (int64_t)p * ld;
+    for (int i = 0; i < p; ++i) h[i] = rowp[i];
+    const T coef = w[p] / d;
+    for (int i = 0; i < p; ++i) {
+      w[i] -= h[i] * coef;
+      dg[i] -= (h[i] / d) * h[i];
+    }
+    w[p] = T(0);
+    for (int i = 0; i < p; ++i) {
+      T* __restrict row = L + (int64_t)i * ld;
+      axpy_rows(row, h, h[i] / d, i);
+      row[i] = dg[i];
+    }
+    if (nm_m > 0) {
+      const int g = s.orig[p] / nm_m;
+      if (++s.lost[g] >= nm_m - nm_n)
+        for (int x = g * nm_m; x < (g + 1) * nm_m; ++x)
+          if (s.pos[x] < p) s.pen[s.pos[x]] = inf;
+    }
+    n = p;
+  }
+  if (REPLAY) {
+    for (int j = 0; j < B; ++j) {
+      w_out[s.orig[j]] = j < n ? s.w[j] : T(0);
+      pruned_out[s.orig[j]] = j < n ? 0 : 1;
+    }
+  }
+  *bad_out = bad ? 1 : 0;
+}
+
+}  // namespace
+
+template <typename G>
+int64_t gram_update(double* gram, const G* grads, int64_t nb, int B, int64_t k, int64_t N, int threads) {
+  check_block(B);
+  if (N != nb * B) throw std::invalid_argument("grads must have nb*B columns");
+  const int t = std::max(1, threads);
+  std::vector<std::vector<double>> scratch(t);
+  std::vector<int64_t> nonfinite(t, 0);
+  parallel_for(nb, threads, [&](int64_t b, int tid) {
+    nonfinite[tid] += gram_block(gram + b * (int64_t)B * B, grads, B, k, N, b * (int64_t)B, scratch[tid]);
+  });
+  int64_t total = 0;
+  for (int64_t v : nonfinite) total += v;
+  return total;
+}
+
+template <typename T>
+void damped_inverse(const double* gram, int64_t nb, int B, double inv_m, double damp, bool relative, T* out,
+                    uint8_t* ok, int threads) {
+  check_block(B);
+  struct Scratch {
+    std::vector<double> U;
+    SweepScratch sweep;
+  };
+  std::vector<Scratch> scratch(std::max(1, threads));
+  parallel_for(nb, threads, [&](int64_t b, int tid) {
+    Scratch& s = scratch[tid];
+    s.U.resize((size_t)B * B);
+    const double* g = gram + b * (int64_t)B * B;
+    double* U = s.U.data();
+    double mean = 0.0;
+    for (int i = 0; i < B; ++i) mean += g[(int64_t)i * B + i] * inv_m;
+    mean /= B;
+    const double lam = relative && mean > 0.0 ? damp * mean : damp;
+    for (int i = 0; i < B; ++i) {
+      const double* src = g + (int64_t)i * B;
+      double* dst = U + (int64_t)i * B;
+      for (int j = i; j < B; ++j) dst[j] = src[j] * inv_m;
+      dst[i] += lam;
+    }
+    bool good = sweep_all(U, B, s.sweep);
+    T* o = out + b * (int64_t)B * B;
+    double probe = 0.0;
+    for (int i = 0; i < B; ++i) {  // the upper triangle, then the lower one by 8×8 tiles
+      const double* src = U + (int64_t)i * B;
+      T* dst = o + (int64_t)i * B;
+      for (int j = i; j < B; ++j) {
+        dst[j] = static_cast<T>(-src[j]);
+        probe += src[j] * 0.0;  // NaN iff an entry is NaN or infinite
+      }
+    }
+    for (int i0 = 0; i0 < B; i0 += 8)
+      for (int j0 = 0; j0 <= i0; j0 += 8)
+        for (int i = i0; i < std::min(B, i0 + 8); ++i)
+          for (int j = j0; j < std::min(i, j0 + 8); ++j) o[(int64_t)i * B + j] = o[(int64_t)j * B + i];
+    ok[b] = good && probe == 0.0 ? 1 : 0;
+  });
+}
+
+template <typename T, typename G>
+int64_t woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, int64_t N, double num_grads, int rank,
+                        int threads) {
+  check_block(B);
+  if (N != nb * B) throw std::invalid_argument("grads must have nb*B columns");
+  if (rank < 1) throw std::invalid_argument("rank must be positive");
+  struct Scratch {
+    std::vector<double> H, g, u, vt, s;
+    int64_t nonfinite = 0;
+  };
+  std::vector<Scratch> scratch(std::max(1, threads));
+  parallel_for(nb, threads, [&](int64_t b, int tid) {
+    Scratch& sc = scratch[tid];
+    sc.H.resize((size_t)B * B);
+    double* H = sc.H.data();
+    T* hb = finv + b * (int64_t)B * B;
+    for (int64_t i = 0; i < (int64_t)B * B; ++i) H[i] = static_cast<double>(hb[i]);
+    bool failed = false;
+    for (int64_t i0 = 0; i0 < k && !failed; i0 += rank) {
+      const int kk = static_cast<int>(std::min<int64_t>(rank, k - i0));
+      sc.g.assign((size_t)B * kk, 0.0);   // G (B × kk)
+      sc.u.assign((size_t)B * kk, 0.0);   // U = H G (B × kk)
+      sc.vt.assign((size_t)kk * B, 0.0);  // Vᵀ (kk × B)
+      sc.s.assign((size_t)kk * kk, 0.0);  // S = m I + Gᵀ U, then its Cholesky factor L (lower)
+      double* g = sc.g.data();
+      double* u = sc.u.data();
+      double* vt = sc.vt.data();
+      double* S = sc.s.data();
+      for (int c = 0; c < kk; ++c) {
+        const G* src = grads + (i0 + c) * N + b * (int64_t)B;
+        for (int r = 0; r < B; ++r) {
+          g[(int64_t)r * kk + c] = static_cast<double>(src[r]);
+          sc.nonfinite += !std::isfinite(g[(int64_t)r * kk + c]);
+        }
+      }
+      for (int i = 0; i < B; ++i) {
+        double* ui = u + (int64_t)i * kk;
+        const double* hi = H + (int64_t)i * B;
+        for (int j = 0; j < B; ++j) {
+          const double a = hi[j];
+          const double* gj = g + (int64_t)j * kk;
+          for (int c = 0; c < kk; ++c) ui[c] += a * gj[c];
+        }
+      }
+      for (int r = 0; r < B; ++r) {
+        const double* gr = g + (int64_t)r * kk;
+        const double* ur = u + (int64_t)r * kk;
+        for (int a = 0; a < kk; ++a)
+          for (int c = 0; c <= a; ++c) S[(int64_t)a * kk + c] += gr[a] * ur[c];
+      }
+      for (int a = 0; a < kk; ++a) S[(int64_t)a * kk + a] += num_grads;
+      for (int j = 0; j < kk && !failed; ++j) {  // Cholesky, lower
+        double d = S[(int64_t)j * kk + j];
+        for (int c = 0; c < j; ++c) d -= S[(int64_t)j * kk + c] * S[(int64_t)j * kk + c];
+        if (!(d > 0.0) || !std::isfinite(d)) {
+          failed = true;
+          break;
+        }
+        d = std::sqrt(d);
+        S[(int64_t)j * kk + j] = d;
+        for (int a = j + 1; a < kk; ++a) {
+          double v = S[(int64_t)a * kk + j];
+          for (int c = 0; c < j; ++c) v -= S[(int64_t)a * kk + c] * S[(int64_t)j * kk + c];
+          S[(int64_t)a * kk + j] = v / d;
+        }
+      }
+      if (failed) break;
+      for (int r = 0; r < B; ++r) {  // row r of V solves L vᵀ = u_rᵀ
+        const double* ur = u + (int64_t)r * kk;
+        for (int a = 0; a < kk; ++a) {
+          double v = ur[a];
+          for (int c = 0; c < a; ++c) v -= S[(int64_t)a * kk + c] * vt[(int64_t)c * B + r];
+          vt[(int64_t)a * B + r] = v / S[(int64_t)a * kk + a];
+        }
+      }
+      for (int i = 0; i < B; ++i) {  // H -= V Vᵀ (upper), mirrored below
+        double* hi = H + (int64_t)i * B;
+        for (int c = 0; c < kk; ++c) {
+          const double a = vt[(int64_t)c * B + i];
+          const double* vc = vt + (int64_t)c * B;
+          for (int j = i; j < B; ++j) hi[j] -= a * vc[j];
+        }
+      }
+      for (int i = 1; i < B; ++i)
+        for (int j = 0; j < i; ++j) H[(int64_t)i * B + j] = H[(int64_t)j * B + i];
+    }
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    for (int64_t i = 0; i < (int64_t)B * B; ++i) hb[i] = failed ? nan : static_cast<T>(H[i]);
+  });
+  int64_t total = 0;
+  for (const Scratch& sc : scratch) total += sc.nonfinite;
+  return total;
+}
+
+template <typename T>
+void prune_order(const T* w, const T* finv, const uint8_t* mask, int64_t nb, int B, int steps, int nm_n, int nm_m,
+                 int64_t* order, T* loss, uint8_t* bad, int threads) {
+  check_block(B);
+  if (steps < 0 || steps > B) throw std::invalid_argument("steps must lie in [0, B]");
+  if (nm_m > 0 && (B % nm_m != 0 || nm_n < 0 || nm_n >= nm_m)) throw std::invalid_argument("bad N:M pattern");
+  std::vector<ElimScratch<T>> scratch(std::max(1, threads));
+  parallel_for(nb, threads, [&](int64_t b, int tid) {
+    eliminate_block<T, false>(w + b * B, finv + b * (int64_t)B * B, mask == nullptr ? nullptr : mask + b * B, B,
+                              steps, nm_n, nm_m, nullptr, order + b * steps, loss + b * steps, nullptr, nullptr,
+                              bad + b, scratch[tid]);
+  });
+}
+
+template <typename T>
+void reconstruct(const T* w, const T* finv, const int64_t* order, const int64_t* counts, int64_t nb, int B,
+                 int steps, T* w_out, uint8_t* pruned, uint8_t* bad, int threads) {
+  check_block(B);
+  std::vector<ElimScratch<T>> scratch(std::max(1, threads));
+  parallel_for(nb, threads, [&](int64_t b, int tid) {
+    const int64_t c = counts[b];
+    if (c < 0 || c > steps) throw std::invalid_argument("counts must lie in [0, steps]");
+    eliminate_block<T, true>(w + b * B, finv + b * (int64_t)B * B, nullptr, B, (int)c, 0, 0, order + b * steps,
+                             nullptr, nullptr, w_out + b * B, pruned + b * B, bad + b, scratch[tid]);
+  });
+}
+
+template <typename T>
+void scores(const T* w, const T* finv, int64_t nb, int B, T* out, int threads) {
+  check_block(B);
+  parallel_for(nb, threads, [&](int64_t b, int) {
+    for (int j = 0; j < B; ++j) {
+      const T x = w[b * B + j];
+      out[b * B + j] = x * x / (T(2) * finv[b * (int64_t)B * B + (int64_t)j * B + j]);
+    }
+  });
+}
+
+template <typename T>
+void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t nb, int B, T* out, int threads) {
+  check_block(B);
+  parallel_for(nb, threads, [&](int64_t b, int) {
+    const T* H = finv + b * (int64_t)B * B;
+    std::vector<T> x(B);
+    for (int j = 0; j < B; ++j) x[j] = prune[b * B + j] ? w[b * B + j] / H[(int64_t)j * B + j] : T(0);
+    for (int i = 0; i < B; ++i) {
+      T acc = T(0);
+      const T* hi = H + (int64_t)i * B;
+      for (int j = 0; j < B; ++j) acc += hi[j] * x[j];
+      out[b * B + i] = prune[b * B + i] ? T(0) : w[b * B + i] - acc;
+    }
+  });
+}
+
+#define OVIT_CPU_INSTANTIATE(T)                                                                                   \
+  template void damped_inverse<T>(const double*, int64_t, int, double, double, bool, T*, uint8_t*, int);         \
+  template int64_t woodbury_update<T, T>(T*, const T*, int64_t, int, int64_t, int64_t, double, int, int);        \
+  template void prune_order<T>(const T*, const T*, const uint8_t*, int64_t, int, int, int, int, int64_t*, T*,    \
+                               uint8_t*, int);                                                                    \
+  template void reconstruct<T>(const T*, const T*, const int64_t*, const int64_t*, int64_t, int, int, T*,       \
+                               uint8_t*, uint8_t*, int);                                                          \
+  template void scores<T>(const T*, const T*, int64_t, int, T*, int);                                            \
+  template void update_independent<T>(const T*, const T*, const uint8_t*, int64_t, int, T*, int);                \
+  template int64_t gram_update<T>(double*, const T*, int64_t, int, int64_t, int64_t, int);
+
+OVIT_CPU_INSTANTIATE(float)
+OVIT_CPU_INSTANTIATE(double)
+template int64_t woodbury_update<double, float>(double*, const float*, int64_t, int, int64_t, int64_t, double, int,
+                                                int);
+
+}  // namespace ovit::cpu

@@ -1,0 +1,158 @@
+"""CPU backend: the C++ kernels of ``csrc/cpu`` (module ``ovit_kernels._cpu``).
+
+Each kernel works on one Fisher block at a time in a per-thread scratch that stays in the core's
+cache for all of that block's work — the B elimination steps with a compact active set (B³/6
+multiply-adds per block instead of the B³ a fixed layout costs), the Gram of a chunk of
+gradients in 4×8 register tiles, the damped inverse by a symmetric Gauss–Jordan sweep, the
+Woodbury update as rank-k steps in float64 — and threads take blocks from a shared counter (no
+barrier: a thread slowed by other work on the machine costs only the blocks it holds). The
+number of threads is ``torch.get_num_threads()``. float32 and float64; blocks up to 4096. The
+global selection is the shared device sort (``_backend.SHARED_OPS``).
+
+``ovit_kernels._cpu`` is built by ``setup.py`` whenever a C++ compiler is present, with or without
+CUDA; without it the backend is unavailable and says why (``available_backends()``), and the
+reference runs the CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _alloc, reference
+from ._backend import BackendStatus, Case
+
+try:
+    from . import _cpu  # type: ignore[attr-defined]
+except ImportError as e:  # the backend selector reports this as the reason cpu is unavailable
+    raise ImportError(
+        f"ovit_kernels._cpu is not built ({e}); reinstall with a C++ compiler present: pip install -e ."
+    ) from e
+
+DEVICES = ("cpu",)
+MAX_BLOCK = int(_cpu.max_block_size)
+WOODBURY_RANK = reference.WOODBURY_RANK
+_FP = (torch.float32, torch.float64)
+
+
+def status() -> BackendStatus:
+    return BackendStatus(True, f"ovit_kernels._cpu, {torch.get_num_threads()} threads")
+
+
+def supports(case: Case) -> str | None:
+    """None if the CPU kernels run ``case``, else why not."""
+    if case.dtype not in _FP:
+        return f"the CPU kernels take float32 or float64, got {case.dtype}"
+    if case.block is not None and case.block > MAX_BLOCK:
+        return f"the CPU kernels take blocks up to {MAX_BLOCK}, got B = {case.block}"
+    return None
+
+
+def launch_config(case: Case) -> str:
+    return f"one block per task, {torch.get_num_threads()} threads"
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _p(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _fp64(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.float64)
+
+
+def gram_update_(gram: torch.Tensor, grads: torch.Tensor) -> int:
+    """Returns the number of NaN/Inf gradient entries (counted while they are read)."""
+    nb, b, _ = gram.shape
+    if grads.dtype not in _FP:
+        grads = grads.float()
+    g = grads.contiguous()
+    return _cpu.gram_update(_p(gram), _p(g), _fp64(g), nb, b, g.shape[0], g.shape[1], _threads())
+
+
+def gram_inverse(
+    gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    nb, b, _ = gram.shape
+    g = gram.contiguous()
+    out = _alloc.empty(nb, b, b, dtype=out_dtype, device=gram.device)
+    ok = _alloc.empty(nb, dtype=torch.uint8, device=gram.device)
+    _cpu.damped_inverse(_p(g), nb, b, 1.0 / num_grads, damp, damp_mode == "relative", _p(out), _fp64(out), _p(ok),
+                        _threads())  # fmt: skip
+    return out, ok.bool()
+
+
+def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) -> int:
+    """Returns the number of NaN/Inf gradient entries (counted while they are read)."""
+    nb, b, _ = finv.shape
+    if finv.dtype == torch.float32 or grads.dtype not in _FP:
+        grads = grads.to(finv.dtype if finv.dtype == torch.float32 else torch.float32)
+    g = grads.contiguous()
+    return _cpu.woodbury_update(_p(finv), _fp64(finv), _p(g), _fp64(g), nb, b, g.shape[0], g.shape[1],
+                                float(num_grads), WOODBURY_RANK, _threads())  # fmt: skip
+
+
+def obs_prune_order(
+    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nb, b = w.shape
+    steps = reference.prune_steps(b, nm)
+    order = _alloc.empty(nb, steps, dtype=torch.int64, device=w.device)
+    loss = _alloc.empty(nb, steps, dtype=finv.dtype, device=w.device)
+    bad = _alloc.empty(nb, dtype=torch.uint8, device=w.device)
+    wd, h = w.to(finv.dtype).contiguous(), finv.contiguous()
+    m8 = None if mask is None else mask.contiguous().view(torch.uint8)
+    n, m = nm if nm is not None else (0, 0)
+    _cpu.prune_order(_p(wd), _p(h), _fp64(h), _p(m8), nb, b, steps, n, m, _p(order), _p(loss), _p(bad), _threads())
+    return order, loss, bad.bool()
+
+
+def obs_reconstruct(
+    w: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nb, b = w.shape
+    wd, h = w.to(finv.dtype).contiguous(), finv.contiguous()
+    o, c = order.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
+    w_out = _alloc.empty(nb, b, dtype=finv.dtype, device=w.device)
+    pruned = _alloc.empty(nb, b, dtype=torch.uint8, device=w.device)
+    bad = _alloc.empty(nb, dtype=torch.uint8, device=w.device)
+    _cpu.reconstruct(_p(wd), _p(h), _fp64(h), _p(o), _p(c), nb, b, o.shape[1], _p(w_out), _p(pruned), _p(bad),
+                     _threads())  # fmt: skip
+    return w_out.to(w.dtype), pruned == 0, bad.bool()
+
+
+def obs_scores(w: torch.Tensor, finv: torch.Tensor) -> torch.Tensor:
+    nb, b = w.shape
+    wd, h = w.to(finv.dtype).contiguous(), finv.contiguous()
+    out = _alloc.empty(nb, b, dtype=finv.dtype, device=w.device)
+    _cpu.scores(_p(wd), _p(h), _fp64(h), nb, b, _p(out), _threads())
+    return out
+
+
+def obs_update_independent(w: torch.Tensor, finv: torch.Tensor, prune_mask: torch.Tensor) -> torch.Tensor:
+    nb, b = w.shape
+    wd, h = w.to(finv.dtype).contiguous(), finv.contiguous()
+    m8 = prune_mask.contiguous().view(torch.uint8)
+    out = _alloc.empty(nb, b, dtype=finv.dtype, device=w.device)
+    _cpu.update_independent(_p(wd), _p(h), _fp64(h), _p(m8), nb, b, _p(out), _threads())
+    return out.to(w.dtype)
+
+
+# The kernels read every input once and report what is not finite themselves (gradient counts;
+# blocks flagged bad), so the callers skip their own full scans of the inputs.
+for _fn in (gram_update_, woodbury_update_):
+    _fn.counts_nonfinite = True
+for _fn in (obs_prune_order, obs_reconstruct):
+    _fn.scans_inputs = True
+
+OPS = {
+    "gram_update_": gram_update_,
+    "gram_inverse": gram_inverse,
+    "woodbury_update_": woodbury_update_,
+    "obs_prune_order": obs_prune_order,
+    "obs_reconstruct": obs_reconstruct,
+    "obs_scores": obs_scores,
+    "obs_update_independent": obs_update_independent,
+}

@@ -159,26 +159,29 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         ]
         t0 = time.perf_counter()
         shared: dict = {}  # the Gram of the gradients, sampled once per seed for every method and λ
-        for method in cfg.methods:
-            for di, damp in enumerate(grid[method]):
-                mode, lam = damp if damp is not None else ("absolute", 1e-8)
-                for s in cfg.sparsities:
-                    model = TinyViT(**cfg.model)
-                    model.load_state_dict(dense.state_dict())
-                    one_shot_prune(
-                        model,
-                        data,
-                        s,
-                        method=method,
-                        block_size=cfg.block_size,
-                        num_grads=cfg.num_grads,
-                        damp=lam,
-                        damp_mode=mode,
-                        progress=False,
-                        fisher_cache=shared if method in fisher_methods else None,
-                    )
-                    acc["val"][method][s][di].append(accuracy(model, xva, yva) if len(yva) else float("nan"))
-                    acc["test"][method][s][di].append(accuracy(model, xte, yte))
+        # λ outermost: the cache keeps the inverse of the last λ, shared by every method and sparsity
+        runs = [(di, method) for di in range(len(cfg.damps)) for method in fisher_methods]
+        runs += [(0, method) for method in cfg.methods if method not in fisher_methods]
+        for di, method in runs:
+            damp = grid[method][di]
+            mode, lam = damp if damp is not None else ("absolute", 1e-8)
+            for s in cfg.sparsities:
+                model = TinyViT(**cfg.model)
+                model.load_state_dict(dense.state_dict())
+                one_shot_prune(
+                    model,
+                    data,
+                    s,
+                    method=method,
+                    block_size=cfg.block_size,
+                    num_grads=cfg.num_grads,
+                    damp=lam,
+                    damp_mode=mode,
+                    progress=False,
+                    fisher_cache=shared if method in fisher_methods else None,
+                )
+                acc["val"][method][s][di].append(accuracy(model, xva, yva) if len(yva) else float("nan"))
+                acc["test"][method][s][di].append(accuracy(model, xte, yte))
         t_prune += time.perf_counter() - t0
         log(f"seed {seed}: dense {dense_acc[-1]:.4f}, pruned every method in {time.perf_counter() - t0:.0f} s")
 

@@ -309,8 +309,9 @@ def one_shot_prune(
         fisher_cache: a dict to share the gradient statistics between calls on the same dense
             model (several methods, sparsities or dampings): filled on the first call, reused
             after. It holds each layer's float64 Gram Σ g gᵀ (the damping is applied at every
-            call, so a damping search samples once; with ``fisher_method="woodbury"`` the
-            damping is folded into the state, and the cache keeps one per damping). It is only
+            call, so a damping search samples once) and the inverse of the last damping asked
+            (calls with the same damping reuse it); with ``fisher_method="woodbury"`` the damping
+            is folded into the state, and the cache keeps one per damping. It is only
             valid while the weights and their zeros, the data and ``num_grads`` are unchanged.
     """
     t_start = time.perf_counter()
@@ -411,9 +412,12 @@ def one_shot_prune(
                     if woodbury:
                         finvs[ly.name] = entry["finv"].to(device)
                         continue
-                    acc = ok.FisherInverse.from_gram(entry["gram"].to(device), taken, damp, damp_mode=damp_mode,
-                                                     dtype=fisher_dtype, backend=backend, name=ly.name)  # fmt: skip
-                    finvs[ly.name] = acc.compute()
+                    last = (damp_mode, damp, fisher_dtype)  # the inverse of the last damping asked, kept
+                    if entry.get("last") != last:
+                        acc = ok.FisherInverse.from_gram(entry["gram"].to(device), taken, damp, damp_mode=damp_mode,
+                                                         dtype=fisher_dtype, backend=backend, name=ly.name)  # fmt: skip
+                        entry["last"], entry["finv"] = last, acc.compute()
+                    finvs[ly.name] = entry["finv"].to(device)
                 times["fisher_inverse"] = time.perf_counter() - t0
                 break
             accs = {

@@ -7,7 +7,7 @@ can run here.
 
 from ._backend import BackendStatus, available_backends
 from .errors import BackendUnavailableError, NotPositiveDefiniteError, OvitError
-from .fisher import FisherInverse, fisher_inverse, woodbury_update_
+from .fisher import FisherInverse, fisher_inverse, fisher_quadratic, woodbury_update_
 from .obs import obs_prune_order, obs_reconstruct, obs_scores, obs_update_independent, prune_counts
 from .reference import working_set_bytes
 from .sparse import SparseLinear, sparsify, spmm
@@ -25,6 +25,7 @@ __all__ = [
     "SparseLinear",
     "available_backends",
     "fisher_inverse",
+    "fisher_quadratic",
     "obs_prune_order",
     "obs_reconstruct",
     "obs_scores",

@@ -131,21 +131,25 @@ def obs_scores(w: torch.Tensor, finv: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def obs_update_independent(w: torch.Tensor, finv: torch.Tensor, prune_mask: torch.Tensor) -> torch.Tensor:
+def obs_update_independent(
+    w: torch.Tensor, finv: torch.Tensor, prune_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the new weights and the (nb,) bool of blocks with NaN/Inf inputs or a non-positive pivot."""
     nb, b = w.shape
     wd, h = w.to(finv.dtype).contiguous(), finv.contiguous()
     m8 = prune_mask.contiguous().view(torch.uint8)
     out = _alloc.empty(nb, b, dtype=finv.dtype, device=w.device)
-    _cpu.update_independent(_p(wd), _p(h), _fp64(h), _p(m8), nb, b, _p(out), _threads())
-    return out.to(w.dtype)
+    bad = _alloc.empty(nb, dtype=torch.uint8, device=w.device)
+    _cpu.update_independent(_p(wd), _p(h), _fp64(h), _p(m8), nb, b, _p(out), _p(bad), _threads())
+    return out.to(w.dtype), bad.bool()
 
 
 # The kernels read every input once and report what is not finite themselves (gradient counts;
 # blocks flagged bad), so the callers skip their own full scans of the inputs.
 for _fn in (gram_update_, woodbury_update_):
     _fn.counts_nonfinite = True
-for _fn in (obs_prune_order, obs_reconstruct):
-    _fn.scans_inputs = True
+for _fn in (obs_prune_order, obs_reconstruct, obs_update_independent):
+    _fn.scans_inputs = True  # and return the blocks they flag
 
 OPS = {
     "gram_update_": gram_update_,

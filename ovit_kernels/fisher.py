@@ -55,7 +55,7 @@ from collections.abc import Iterable
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, reference
 from .errors import NotPositiveDefiniteError
 
 METHODS = ("auto", "woodbury", "gram")
@@ -283,6 +283,38 @@ class FisherInverse:
         self._state = None
         self._result = finv
         return finv
+
+
+def fisher_quadratic(
+    delta: torch.Tensor, gram: torch.Tensor, num_grads: int, damp: float = 1e-8, *, damp_mode: str = "absolute"
+) -> torch.Tensor:
+    """The quadratic model of the loss change, ½ δᵀ F δ per block, from the Gram (no inverse).
+
+    F = λ'I + G/m is the damped Fisher whose inverse :class:`FisherInverse` returns for the same
+    ``num_grads``, ``damp`` and ``damp_mode``, so this is the loss a weight change ``delta`` costs
+    under the model the pruning used (B² work per block, never forming F).
+
+    Args:
+        delta: (nb, B) weight change per block, any floating dtype.
+        gram: (nb, B, B) float64 Σ g gᵀ (e.g. :meth:`FisherInverse.gram`), same device.
+        num_grads: m, the number of gradients in ``gram``.
+        damp, damp_mode: as given to :class:`FisherInverse`.
+
+    Returns:
+        (nb,) float64.
+    """
+    _checks.floating("gram", gram, (torch.float64,))
+    _checks.ndim("gram", gram, 3, "(nb, B, B)")
+    nb, b, b2 = gram.shape
+    if b != b2:
+        raise ValueError(f"gram blocks must be square, got shape {tuple(gram.shape)}")
+    _checks.floating("delta", delta)
+    if tuple(delta.shape) != (nb, b):
+        raise ValueError(f"delta must have shape ({nb}, {b}), got {tuple(delta.shape)}")
+    _checks.same_device(delta=delta, gram=gram)
+    if int(num_grads) != num_grads or num_grads < 1:
+        raise ValueError(f"num_grads must be a positive int, got {num_grads!r}")
+    return reference.fisher_quadratic(delta, gram, float(num_grads), _checks.damp(damp, damp_mode), damp_mode)
 
 
 def fisher_inverse(

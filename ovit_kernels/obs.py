@@ -63,10 +63,18 @@ def obs_update_independent(
     """
     nb, b = _checks.blocks_and_finv(w_blocks, finv)
     _checks.bool_mask("prune_mask", prune_mask, (nb, b), finv.device)
-    _positive_diag(finv)
     case = _backend.Case("obs_update_independent", finv.device, finv.dtype, b)
     _, fn = _backend.implementation(case, backend)
-    return fn(w_blocks, finv, prune_mask)
+    if not getattr(fn, "scans_inputs", False):
+        _positive_diag(finv)
+        return fn(w_blocks, finv, prune_mask)
+    _positive_diag(finv, whole=False)  # the kernel flags blocks with NaN/Inf entries as it reads them
+    out, bad = fn(w_blocks, finv, prune_mask)
+    if bool(bad.any()):
+        raise NotPositiveDefiniteError(
+            "finv has a non-positive or non-finite diagonal / entries", bad.nonzero().flatten().tolist()
+        )
+    return out
 
 
 def _retry_fp64(bad: torch.Tensor, finv: torch.Tensor, run) -> torch.Tensor:

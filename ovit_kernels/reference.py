@@ -95,18 +95,32 @@ def gram_update_(gram: torch.Tensor, grads: torch.Tensor) -> None:
             gram[s : s + step].baddbmm_(g, g.transpose(1, 2))
 
 
+def block_damping(gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str) -> torch.Tensor | float:
+    """λ' of every block: λ (absolute), or (nb, 1) λ · mean(diag(G/m)) (relative), falling back
+    to λ for blocks whose Gram diagonal is all zero (fully masked blocks)."""
+    if damp_mode != "relative":
+        return damp
+    mean = gram.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True) / num_grads
+    return torch.where(mean > 0, damp * mean, torch.full_like(mean, damp))
+
+
 def damped_fisher(gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str) -> torch.Tensor:
-    """F = λ' I + G / m per block (a new tensor). Relative mode: λ' = λ · mean(diag(G/m)),
-    falling back to λ for blocks whose Gram diagonal is all zero (fully masked blocks)."""
+    """F = λ' I + G / m per block (a new tensor), λ' from :func:`block_damping`."""
     f = gram / num_grads
-    diag = f.diagonal(dim1=1, dim2=2)
-    if damp_mode == "relative":
-        mean = diag.mean(-1, keepdim=True)
-        lam = torch.where(mean > 0, damp * mean, torch.full_like(mean, damp))
-    else:
-        lam = damp
-    diag += lam
+    f.diagonal(dim1=1, dim2=2).add_(block_damping(gram, num_grads, damp, damp_mode))
     return f
+
+
+def fisher_quadratic(
+    delta: torch.Tensor, gram: torch.Tensor, num_grads: float, damp: float, damp_mode: str
+) -> torch.Tensor:
+    """½ δᵀ F δ per block, (nb,) float64, with F = λ' I + G / m (never formed: G δ per block)."""
+    d = delta.to(torch.float64)
+    with no_tf32():
+        gd = torch.bmm(gram.to(torch.float64), d.unsqueeze(-1)).squeeze(-1)
+    lam = block_damping(gram, num_grads, damp, damp_mode)
+    lam = lam.squeeze(-1).double() if isinstance(lam, torch.Tensor) else lam
+    return 0.5 * ((gd * d).sum(-1) / num_grads + lam * (d * d).sum(-1))
 
 
 def gram_inverse(

@@ -234,7 +234,7 @@ def test_cpu_kernels_give_the_same_results_on_one_and_two_threads(gen):
 def test_cpu_kernels_report_nan_inputs_they_read(gen):
     """The CPU kernels check the entries they read (no separate scan): a NaN gradient is
     refused with its count, and the accumulator that took part of it refuses to go on; a NaN
-    entry of an inverse fails the elimination and the replay."""
+    entry of an inverse fails the elimination, the replay and the WoodFisher update."""
     g = torch.randn(6, 48, generator=gen)
     g[2, 30] = float("nan")
     g[4, 3] = float("inf")
@@ -251,3 +251,11 @@ def test_cpu_kernels_report_nan_inputs_they_read(gen):
     order = torch.arange(12).repeat(3, 1)
     with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[1\]"):
         ok.obs_reconstruct(w, h, order, torch.tensor([2, 3, 4]), backend="cpu")
+    prune = torch.zeros(3, 12, dtype=torch.bool)
+    prune[:, 0] = True  # the NaN lies off the pruned column's pivot: only the whole read finds it
+    with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[1\]"):
+        ok.obs_update_independent(w, h, prune, backend="cpu")
+    h[1, 7, 2] = h[1, 2, 7] = 0.0
+    h[2, 5, 5] = -1.0  # a non-positive pivot is refused before the kernel
+    with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[2\]"):
+        ok.obs_update_independent(w, h, prune, backend="cpu")

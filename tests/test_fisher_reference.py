@@ -202,3 +202,22 @@ def test_woodbury_block_that_lost_definiteness_becomes_nan(gen):
     h[1] *= -1.0
     reference.woodbury_update_(h, torch.ones(1, 12, dtype=torch.float64) * 10, 1.0)
     assert torch.isfinite(h[0]).all() and torch.isnan(h[1]).all()
+
+
+@pytest.mark.parametrize("damp_mode", ["absolute", "relative"])
+def test_fisher_quadratic_is_half_delta_f_delta(damp_mode, gen):
+    """½ δᵀFδ from the Gram equals the same form with F = inverse of what FisherInverse returns
+    for that Gram and damping (and a fully masked block takes the plain λ in relative mode)."""
+    g = torch.randn(30, 5 * 8, generator=gen, dtype=torch.float64)
+    g[:, 8:16] = 0  # a block that saw no gradient
+    acc = ok.FisherInverse(40, 8, 1e-2, damp_mode=damp_mode, dtype=torch.float64)
+    acc.update(g)
+    gram = acc.gram().clone()
+    f = torch.linalg.inv(acc.compute())
+    delta = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    want = 0.5 * torch.einsum("ni,nij,nj->n", delta, f, delta)
+    torch.testing.assert_close(ok.fisher_quadratic(delta, gram, 30, 1e-2, damp_mode=damp_mode), want)
+    with pytest.raises(ValueError, match="delta must have shape"):
+        ok.fisher_quadratic(delta[:4], gram, 30, 1e-2)
+    with pytest.raises(TypeError):
+        ok.fisher_quadratic(delta, gram.float(), 30, 1e-2)

@@ -115,15 +115,17 @@ PYBIND11_MODULE(_cpu, m) {
       "saliencies w² / (2 diag H)");
   m.def(
       "update_independent",
-      [](uintptr_t w, uintptr_t finv, int fp64, uintptr_t prune, int64_t nb, int B, uintptr_t out, int threads) {
+      [](uintptr_t w, uintptr_t finv, int fp64, uintptr_t prune, int64_t nb, int B, uintptr_t out, uintptr_t bad,
+         int threads) {
         need_fp(fp64);
         py::gil_scoped_release nogil;
         if (fp64)
           ovit::cpu::update_independent<double>(ptr<const double>(w), ptr<const double>(finv),
-                                                ptr<const uint8_t>(prune), nb, B, ptr<double>(out), threads);
+                                                ptr<const uint8_t>(prune), nb, B, ptr<double>(out),
+                                                ptr<uint8_t>(bad), threads);
         else
           ovit::cpu::update_independent<float>(ptr<const float>(w), ptr<const float>(finv), ptr<const uint8_t>(prune),
-                                               nb, B, ptr<float>(out), threads);
+                                               nb, B, ptr<float>(out), ptr<uint8_t>(bad), threads);
       },
-      "the WoodFisher update");
+      "the WoodFisher update; bad blocks (NaN/Inf inputs, non-positive pivots) flagged");
 }

@@ -535,18 +535,35 @@ void scores(const T* w, const T* finv, int64_t nb, int B, T* out, int threads) {
 }
 
 template <typename T>
-void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t nb, int B, T* out, int threads) {
+void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t nb, int B, T* out, uint8_t* bad,
+                        int threads) {
   check_block(B);
   parallel_for(nb, threads, [&](int64_t b, int) {
+    // out = w − Σ_{j ∈ S} (w_j / H_jj) H[:, j], as axpys over the rows of the symmetric H (column j = row j),
+    // which vectorise; every row is also read for NaN/Inf (x − x ≠ 0 exactly when x is not finite).
     const T* H = finv + b * (int64_t)B * B;
-    std::vector<T> x(B);
-    for (int j = 0; j < B; ++j) x[j] = prune[b * B + j] ? w[b * B + j] / H[(int64_t)j * B + j] : T(0);
-    for (int i = 0; i < B; ++i) {
-      T acc = T(0);
-      const T* hi = H + (int64_t)i * B;
-      for (int j = 0; j < B; ++j) acc += hi[j] * x[j];
-      out[b * B + i] = prune[b * B + i] ? T(0) : w[b * B + i] - acc;
+    const T* wb = w + b * B;
+    const uint8_t* pb = prune + b * B;
+    T* ob = out + b * B;
+    for (int i = 0; i < B; ++i) ob[i] = wb[i];
+    bool failed = false;
+    for (int j = 0; j < B; ++j) {
+      const T* hj = H + (int64_t)j * B;
+      uint8_t nonfinite = 0;
+      for (int i = 0; i < B; ++i) nonfinite |= (hj[i] - hj[i]) != T(0);
+      failed |= nonfinite != 0;
+      if (!pb[j]) continue;
+      const T d = hj[j];
+      if (!(d > T(0))) {
+        failed = true;
+        continue;
+      }
+      const T x = wb[j] / d;
+      for (int i = 0; i < B; ++i) ob[i] -= x * hj[i];
     }
+    for (int i = 0; i < B; ++i)
+      if (pb[i]) ob[i] = T(0);
+    bad[b] = failed ? 1 : 0;
   });
 }
 
@@ -558,7 +575,7 @@ void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t
   template void reconstruct<T>(const T*, const T*, const int64_t*, const int64_t*, int64_t, int, int, T*,       \
                                uint8_t*, uint8_t*, int);                                                          \
   template void scores<T>(const T*, const T*, int64_t, int, T*, int);                                            \
-  template void update_independent<T>(const T*, const T*, const uint8_t*, int64_t, int, T*, int);                \
+  template void update_independent<T>(const T*, const T*, const uint8_t*, int64_t, int, T*, uint8_t*, int);      \
   template int64_t gram_update<T>(double*, const T*, int64_t, int, int64_t, int64_t, int);
 
 OVIT_CPU_INSTANTIATE(float)

@@ -51,8 +51,10 @@ void reconstruct(const T* w, const T* finv, const int64_t* order, const int64_t*
 template <typename T>
 void scores(const T* w, const T* finv, int64_t nb, int B, T* out, int threads);
 
-// WoodFisher update: out = w − H (w ⊙ 1_S / diag H), out_S = 0.
+// WoodFisher update: out = w − H (w ⊙ 1_S / diag H), out_S = 0 (H symmetric, as every inverse here). bad[b] = 1 where block b holds a NaN/Inf
+// entry of H, or a pruned entry's diagonal is not positive (read once, as the update reads them).
 template <typename T>
-void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t nb, int B, T* out, int threads);
+void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t nb, int B, T* out, uint8_t* bad,
+                        int threads);
 
 }  // namespace ovit::cpu

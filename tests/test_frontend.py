@@ -445,11 +445,11 @@ def test_repeated_data_is_reported_and_warned():
     model = TinyViT(dim=32, depth=1, heads=2)
     data = random_data(n_batches=3)
     kw = dict(block_size=16, damp=1e-2, damp_mode="relative", progress=False)
-    with pytest.warns(RuntimeWarning, match="holds only 3 batches for 7 gradients"):
+    with pytest.warns(RuntimeWarning, match="gives only 3 gradients for 7"):
         rep = ovit.one_shot_prune(model, data, 0.5, num_grads=7, **kw)
-    assert rep.num_grads == 7 and rep.distinct_batches == 3 and any("distinct batches" in n for n in rep.notes)
+    assert rep.num_grads == 7 and rep.distinct_batches == 3 and any("distinct ones" in n for n in rep.notes)
     # re-cut batches: 3 batches of 8 samples give 6 batches of 4
-    with pytest.warns(RuntimeWarning, match="holds only 6 batches"):
+    with pytest.warns(RuntimeWarning, match="gives only 6 gradients"):
         rep = ovit.one_shot_prune(TinyViT(dim=32, depth=1, heads=2), data, 0.5, num_grads=8, grad_batch_size=4, **kw)
     assert rep.distinct_batches == 6
     # enough data: no warning, nothing went round
@@ -479,3 +479,36 @@ def test_fisher_cache_applies_each_calls_damping():
         for (k, v), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
             torch.testing.assert_close(v, u, msg=k)
     assert all({"gram", "num_grads"} <= set(e) and e["last"][1] == 1e-1 for e in cache.values())
+
+
+@pytest.mark.parametrize("method", ["ovit", "woodfisher"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_reported_loss_is_the_quadratic_model_of_the_change(method, cached):
+    """``est_loss_increase`` equals ½ Σ_b δ_bᵀ F_b δ_b computed independently: F from a loop of
+    mini-batch gradients, δ the change the run made to the weights (with and without the cache,
+    which takes WoodFisher's loss from the Gram instead of factorising the inverse)."""
+    g = torch.Generator().manual_seed(3)
+    d_in, d_out, b, m, lam = 24, 3, 12, 40, 1e-2
+    x = torch.randn(m * 4, d_in, generator=g) * torch.logspace(-0.5, 0.5, d_in)
+    y = torch.randn(m * 4, d_out, generator=g)
+    data = [(x[i : i + 4], y[i : i + 4]) for i in range(0, m * 4, 4)]
+    layer = nn.Linear(d_in, d_out, bias=False)
+    w0 = layer.weight.detach().clone()
+    grads = []
+    for xb, yb in data:
+        layer.zero_grad()
+        nn.functional.mse_loss(layer(xb), yb).backward()
+        grads.append(layer.weight.grad.detach().flatten().double())
+    gm = torch.stack(grads).view(m, -1, b)
+    fisher = torch.einsum("mni,mnj->nij", gm, gm) / m + lam * torch.eye(b, dtype=torch.float64)
+    kw = dict(method=method, block_size=b, num_grads=m, damp=lam, loss_fn=nn.functional.mse_loss,
+              progress=False, fisher_dtype=torch.float64)  # fmt: skip
+    cache: dict | None = {} if cached else None
+    if cached:  # fill the cache on a copy, then prune from it
+        other = nn.Linear(d_in, d_out, bias=False)
+        other.load_state_dict(layer.state_dict())
+        ovit.one_shot_prune(other, data, 0.3, layers=[other], fisher_cache=cache, **kw)
+    rep = ovit.one_shot_prune(layer, data, 0.5, layers=[layer], fisher_cache=cache, **kw)
+    delta = (layer.weight.detach() - w0).flatten().double().view(-1, b)
+    want = 0.5 * float(torch.einsum("ni,nij,nj->", delta, fisher, delta))
+    assert rep.est_loss_increase == pytest.approx(want, rel=1e-6)

@@ -67,9 +67,12 @@ def _prune(args: argparse.Namespace) -> int:
         cfg["input_size"] = (cfg["input_size"][0], *img)
     tf = timm.data.create_transform(**cfg, is_training=False)
     ds = ImageFolder(args.data, transform=tf)
+    per_sample = args.grad_mode != "mini_batch"
+    group = {"mini_batch": None, "per_sample": None, "micro_batch": args.grad_batch_size}[args.grad_mode]
+    pass_size = args.pass_batch_size or (64 if group is None else -(-64 // group) * group)
     loader = torch.utils.data.DataLoader(
         ds,
-        batch_size=args.grad_batch_size,
+        batch_size=pass_size if per_sample else args.grad_batch_size,
         shuffle=True,
         drop_last=False,
         num_workers=args.workers,
@@ -83,6 +86,9 @@ def _prune(args: argparse.Namespace) -> int:
         method=args.method,
         block_size=args.block_size,
         num_grads=args.num_grads,
+        grad_mode=args.grad_mode,
+        grad_batch_size=group,
+        pass_batch_size=pass_size if per_sample else None,
         damp=args.damp,
         damp_mode=args.damp_mode,
         pattern=args.pattern,
@@ -123,12 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or 'n:m' such as 2:4")
     p.add_argument("--block-size", type=int, default=192)
     p.add_argument("--num-grads", type=int, default=4096)
-    p.add_argument("--grad-batch-size", type=int, default=128)
+    p.add_argument("--grad-batch-size", type=int, default=128, help="images averaged into one gradient")
+    p.add_argument("--grad-mode", choices=("mini_batch", "per_sample", "micro_batch"), default="mini_batch",
+                   help="one backward pass per gradient, or gradients formed from per-sample gradients of "
+                   "larger passes (per_sample: one image each; micro_batch: --grad-batch-size each)")  # fmt: skip
+    p.add_argument("--pass-batch-size", type=int, default=None,
+                   help="images per forward/backward pass in the per-sample modes (default 64)")  # fmt: skip
     p.add_argument("--damp", type=float, default=1e-8)
     p.add_argument("--damp-mode", choices=("absolute", "relative"), default="absolute")
     p.add_argument("--layers", default=None, help="regex of module names (default: timm attn/mlp linears)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "reference"))
+    p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "cpu", "reference"))
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--out", required=True, help="path of the pruned state dict (.pt); the report goes beside it")

@@ -51,6 +51,10 @@ class DemoConfig:
     # no batch is used twice
     num_grads: int = 500
     grad_batch_size: int = 2
+    # each gradient is still that of 2 images; they are formed from per-sample gradients of
+    # passes of 64 images (ovit.sampling), the same gradients as 500 backward passes of 2
+    grad_mode: str = "micro_batch"
+    pass_batch_size: int = 64
     damps: tuple[tuple[str, float], ...] = DAMP_GRID
     val_fraction: float = 0.2  # of the training split, held out to choose λ
     out: str = "ovit_out"
@@ -135,7 +139,9 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     the grid), choose each method's λ on the validation split, print the table, write the plot.
 
     Returns ``{"dense": [test acc per seed], "results": {method: {sparsity: [test acc per seed
-    at the chosen λ]}}, "chosen_damp": {method: {sparsity: label}}, "search": {...}, ...}``.
+    at the chosen λ]}}, "chosen_damp": {method: {sparsity: label}}, "search": {method:
+    {sparsity: {λ: {"val": [per seed], "test": [per seed] at the chosen λ, else None}}}}, ...}``.
+    The test split is evaluated only at the chosen λ.
     """
     cfg = cfg or DemoConfig()
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
@@ -144,6 +150,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     # accuracies[split][method][sparsity][damp index] = [per seed]
     acc: dict = {sp: {m: {s: [[] for _ in grid[m]] for s in cfg.sparsities} for m in cfg.methods}
                  for sp in ("val", "test")}  # fmt: skip
+    pruned: dict = {m: {s: [[] for _ in grid[m]] for s in cfg.sparsities} for m in cfg.methods}
+    tests: list[tuple[torch.Tensor, torch.Tensor]] = []
     dense_acc: list[float] = []
     t_all = time.perf_counter()
     t_prune = 0.0
@@ -175,13 +183,18 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
                     method=method,
                     block_size=cfg.block_size,
                     num_grads=cfg.num_grads,
+                    grad_batch_size=cfg.grad_batch_size,
+                    grad_mode=cfg.grad_mode,
+                    pass_batch_size=cfg.pass_batch_size if cfg.grad_mode != "mini_batch" else None,
                     damp=lam,
                     damp_mode=mode,
                     progress=False,
                     fisher_cache=shared if method in fisher_methods else None,
                 )
                 acc["val"][method][s][di].append(accuracy(model, xva, yva) if len(yva) else float("nan"))
-                acc["test"][method][s][di].append(accuracy(model, xte, yte))
+                # kept for the test split, which is evaluated only at the λ the validation chooses
+                pruned[method][s][di].append({k: v.clone() for k, v in model.state_dict().items()})
+        tests.append((xte, yte))
         t_prune += time.perf_counter() - t0
         log(f"seed {seed}: dense {dense_acc[-1]:.4f}, pruned every method in {time.perf_counter() - t0:.0f} s")
 
@@ -194,6 +207,14 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         for s in cfg.sparsities:
             vals = [mean(v) for v in acc["val"][m][s]]
             chosen[m][s] = max(range(len(vals)), key=lambda i, vals=vals: (vals[i], -i))
+    t0 = time.perf_counter()
+    model = TinyViT(**cfg.model)
+    for m in cfg.methods:
+        for s in cfg.sparsities:
+            for state, (xte, yte) in zip(pruned[m][s][chosen[m][s]], tests):
+                model.load_state_dict(state)
+                acc["test"][m][s][chosen[m][s]].append(accuracy(model, xte, yte))
+    t_prune += time.perf_counter() - t0
     res = {m: {s: acc["test"][m][s][chosen[m][s]] for s in cfg.sparsities} for m in cfg.methods}
     labels = {m: {s: damp_label(grid[m][chosen[m][s]]) for s in cfg.sparsities} for m in cfg.methods}
     dmean = mean(dense_acc)
@@ -212,7 +233,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
     png = os.path.join(cfg.out, "digits_accuracy.png")
     _plot(png, cfg, dmean, {m: [mean(res[m][s]) for s in cfg.sparsities] for m in cfg.methods})
     search = {
-        m: {str(s): {damp_label(d): {sp: acc[sp][m][s][i] for sp in ("val", "test")} for i, d in enumerate(grid[m])}
+        m: {str(s): {damp_label(d): {sp: acc[sp][m][s][i] or None for sp in ("val", "test")}
+                     for i, d in enumerate(grid[m])}
             for s in cfg.sparsities}
         for m in cfg.methods
     }  # fmt: skip

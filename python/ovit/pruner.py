@@ -16,7 +16,7 @@ from torch import nn
 import ovit_kernels as ok
 
 from .layers import PrunableLayer, block_layout, select_layers
-from .sampling import sample_gradients
+from .sampling import grad_group, sample_gradients
 
 METHODS = ("ovit", "woodfisher", "magnitude", "global_magnitude")
 
@@ -36,9 +36,11 @@ class LayerReport:
 class PruneReport:
     """What :func:`one_shot_prune` did. ``est_loss_increase`` is the sum of the OBS losses of
     what was pruned under the quadratic model (None when no Fisher was computed).
-    ``distinct_batches`` is how many batches one pass over the data holds (None when the
-    gradients never went round it: no batch was used twice); ``planned_peak_bytes`` the memory
-    plan's peak for the Fisher work (``peak_memory_bytes`` is the measured one, on a GPU)."""
+    ``distinct_batches`` is how many distinct gradients one pass over the data gives (its
+    batches, in mini-batch mode; None when the gradients never went round it: no data was used
+    twice); ``samples`` how many samples went through forward/backward passes (first pass over
+    the data); ``planned_peak_bytes`` the memory plan's peak for the Fisher work
+    (``peak_memory_bytes`` is the measured one, on a GPU)."""
 
     method: str
     sparsity: float
@@ -54,6 +56,8 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     distinct_batches: int | None = None
     planned_peak_bytes: int | None = None
+    grad_mode: str = "mini_batch"
+    samples: int | None = None
 
     @property
     def achieved_sparsity(self) -> float:
@@ -264,6 +268,8 @@ def one_shot_prune(
     damp: float = 1e-8,
     damp_mode: str = "absolute",
     grad_batch_size: int | None = None,
+    grad_mode: str = "mini_batch",
+    pass_batch_size: int | None = None,
     pattern: str = "unstructured",
     layers: str | Iterable[nn.Module | str] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -280,9 +286,18 @@ def one_shot_prune(
 
     Args:
         model: any ``nn.Module``; its weights are changed only if the whole run succeeds.
-        data: iterable of ``(inputs, targets)`` batches (e.g. a DataLoader); each batch gives
-            one gradient (re-cut to ``grad_batch_size`` samples if that is given). Iterated
-            again as needed when it can be (DataLoader, list).
+        data: iterable of ``(inputs, targets)`` batches (e.g. a DataLoader); in mini-batch mode
+            each batch gives one gradient (re-cut to ``grad_batch_size`` samples if that is
+            given). Iterated again as needed when it can be (DataLoader, list).
+        grad_batch_size: g, the samples averaged into one gradient (the paper: 128).
+        grad_mode: how the gradients are computed (:mod:`ovit.sampling`): ``"mini_batch"``
+            (one backward pass per gradient), ``"per_sample"`` (g = 1: the empirical Fisher of
+            single samples) or ``"micro_batch"`` (groups of g), both from per-sample gradients
+            of passes of ``pass_batch_size`` samples — the same gradients as mini-batch mode
+            at the same g, for a fraction of the passes. An absolute ``damp`` tuned at one g
+            is a different method at another (E[ḡḡᵀ] ≈ F/g): prefer ``damp_mode="relative"``
+            when changing either.
+        pass_batch_size: samples per forward/backward pass in the per-sample modes.
         sparsity: fraction of the selected weights to prune, in [0, 1). With an n:m
             ``pattern`` it is 1 − n/m and may be omitted.
         method: ``"ovit"`` (correlation-aware greedy elimination + global selection +
@@ -330,6 +345,7 @@ def one_shot_prune(
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
     if int(num_grads) < 1:
         raise ValueError(f"num_grads must be >= 1, got {num_grads!r}")
+    grad_group(grad_mode, grad_batch_size)  # refuses a bad pair before any work
     if int(block_size) < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size!r}")
     loss_fn = loss_fn or F.cross_entropy
@@ -374,6 +390,7 @@ def one_shot_prune(
 
     taken = 0
     distinct: int | None = None
+    samples: int | None = None
     planned_peak: int | None = None
     passes = 0
     if needs_fisher:
@@ -445,6 +462,8 @@ def one_shot_prune(
                 loss_fn=loss_fn,
                 device=device,
                 grad_batch_size=grad_batch_size,
+                grad_mode=grad_mode,
+                pass_batch_size=pass_batch_size,
                 amp_dtype=amp_dtype,
                 chunk=grad_chunk,
                 progress=progress,
@@ -453,12 +472,14 @@ def one_shot_prune(
             )
             _sync(device)
             times["sampling"] = times.get("sampling", 0.0) + time.perf_counter() - t0
-            taken, distinct = stats.gradients, stats.distinct_batches
+            taken, distinct = stats.gradients, stats.distinct_gradients
+            if gi == 0:
+                samples = stats.samples
             if taken < num_grads:
                 notes.append(f"data ran out after {taken} of {num_grads} gradients")
             if gi == 0 and stats.repeats:  # sample_gradients warned when the data went round
                 notes.append(
-                    f"the {taken} gradients came from only {distinct} distinct batches (about "
+                    f"the {taken} gradients came from only {distinct} distinct ones (about "
                     f"{taken / max(1, distinct):.1f} uses each)"
                 )
             t0 = time.perf_counter()
@@ -528,7 +549,14 @@ def one_shot_prune(
             if method == "woodfisher":
                 h = finvs.pop(ly.name).to(device)
                 w2 = ok.obs_update_independent(wb.to(fisher_dtype), h, pm, backend=backend).float()
-                est += _quadratic_loss(w2 - wb, h)
+                entry = fisher_cache.get(ly.name) if fisher_cache is not None else None
+                if entry is not None and "gram" in entry:  # ½ δᵀFδ from the Gram: B² per block, no factorisation
+                    gram = entry["gram"].to(device)
+                    est += float(
+                        ok.fisher_quadratic(w2 - wb, gram, entry["num_grads"], damp, damp_mode=damp_mode).sum()
+                    )
+                else:
+                    est += _quadratic_loss(w2 - wb, h)
             else:
                 w2 = wb.masked_fill(pm, 0.0)
             new_w[ly.name], keep[ly.name] = w2, ~pm
@@ -566,6 +594,8 @@ def one_shot_prune(
         est_loss_increase=est,
         num_grads=taken if needs_fisher else 0,
         distinct_batches=distinct,
+        grad_mode=grad_mode,
+        samples=samples,
         planned_peak_bytes=planned_peak,
         passes=passes,
         layers=reports,

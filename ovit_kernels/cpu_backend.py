@@ -63,13 +63,14 @@ def _fp64(t: torch.Tensor) -> int:
     return int(t.dtype == torch.float64)
 
 
-def gram_update_(gram: torch.Tensor, grads: torch.Tensor) -> int:
-    """Returns the number of NaN/Inf gradient entries (counted while they are read)."""
+def gram_update_(gram: torch.Tensor, grads: torch.Tensor, overwrite: bool = False) -> int:
+    """Returns the number of NaN/Inf gradient entries (counted while they are read). With
+    ``overwrite``, ``gram`` is a fresh state whose contents are never read (no zeroing pass)."""
     nb, b, _ = gram.shape
     if grads.dtype not in _FP:
         grads = grads.float()
     g = grads.contiguous()
-    return _cpu.gram_update(_p(gram), _p(g), _fp64(g), nb, b, g.shape[0], g.shape[1], _threads())
+    return _cpu.gram_update(_p(gram), _p(g), _fp64(g), nb, b, g.shape[0], g.shape[1], _threads(), overwrite)
 
 
 def gram_inverse(
@@ -148,6 +149,7 @@ def obs_update_independent(
 # blocks flagged bad), so the callers skip their own full scans of the inputs.
 for _fn in (gram_update_, woodbury_update_):
     _fn.counts_nonfinite = True
+gram_update_.overwrites_fresh = True  # takes overwrite=True for the first chunk of a fresh state
 for _fn in (obs_prune_order, obs_reconstruct, obs_update_independent):
     _fn.scans_inputs = True  # and return the blocks they flag
 

@@ -55,7 +55,7 @@ from collections.abc import Iterable
 
 import torch
 
-from . import _backend, _checks, reference
+from . import _alloc, _backend, _checks, reference
 from .errors import NotPositiveDefiniteError
 
 METHODS = ("auto", "woodbury", "gram")
@@ -181,27 +181,41 @@ class FisherInverse:
         if self._rejected:
             raise RuntimeError(f"{self.name or 'this Fisher'} took part of a chunk with NaN/Inf: make a new one")
         what = "gradient chunk" + (f" of {self.name!r}" if self.name else "")
-        if self._state is None:
-            dev = self.device or chunk.device
-            self.device = dev
-            self._state = self._init_state(dev)
+        if self.device is None:
+            self.device = chunk.device
         if chunk.device != self.device:
             raise ValueError(f"chunk is on {chunk.device} but the accumulator lives on {self.device}")
         start, stop = self.block_range
         if (start, stop) != (0, self.num_params // self.block_size):
             chunk = chunk[:, start * self.block_size : stop * self.block_size]
         chunk = chunk.contiguous()
+        kwargs: dict = {}
         if self.method == "woodbury":
+            if self._state is None:
+                self._state = self._init_state(self.device)
             case = _woodbury_case(self._state, chunk)
             args: tuple = (self._state, chunk, float(self.num_grads))
+            _, fn = _backend.implementation(case, self.backend)
         else:
             case = _backend.Case("gram_update_", self.device, torch.float64, self.block_size)
+            _, fn = _backend.implementation(case, self.backend)
+            if self._state is None:
+                if getattr(fn, "overwrites_fresh", False):  # the kernel writes the first chunk's Gram itself
+                    nb, b = self.num_blocks, self.block_size
+                    self._state = _alloc.empty(nb, b, b, dtype=torch.float64, device=self.device)
+                    kwargs["overwrite"] = True
+                else:
+                    self._state = self._init_state(self.device)
             args = (self._state, chunk)
-        _, fn = _backend.implementation(case, self.backend)
         counts = getattr(fn, "counts_nonfinite", False)  # the kernel counts them as it reads them
         if self.check_finite and not counts:
             _checks.finite(what, chunk)
-        bad = fn(*args)
+        try:
+            bad = fn(*args, **kwargs)
+        except BaseException:
+            if kwargs.get("overwrite"):  # the fresh state may be half-written: start it again next time
+                self._state = None
+            raise
         if self.check_finite and counts and bad:
             self._rejected = True
             raise ValueError(

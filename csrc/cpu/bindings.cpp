@@ -30,14 +30,18 @@ PYBIND11_MODULE(_cpu, m) {
   m.attr("max_block_size") = kMaxBlock;
   m.def(
       "gram_update",
-      [](uintptr_t gram, uintptr_t grads, int grads_fp64, int64_t nb, int B, int64_t k, int64_t N, int threads) {
+      [](uintptr_t gram, uintptr_t grads, int grads_fp64, int64_t nb, int B, int64_t k, int64_t N, int threads,
+         bool overwrite) {
         need_fp(grads_fp64);
         py::gil_scoped_release nogil;
         if (grads_fp64)
-          return ovit::cpu::gram_update<double>(ptr<double>(gram), ptr<const double>(grads), nb, B, k, N, threads);
-        return ovit::cpu::gram_update<float>(ptr<double>(gram), ptr<const float>(grads), nb, B, k, N, threads);
+          return ovit::cpu::gram_update<double>(ptr<double>(gram), ptr<const double>(grads), nb, B, k, N, threads,
+                                                overwrite);
+        return ovit::cpu::gram_update<float>(ptr<double>(gram), ptr<const float>(grads), nb, B, k, N, threads,
+                                             overwrite);
       },
-      "gram[b] += Σ g gᵀ (float64) for a (k, N) chunk; returns the number of NaN/Inf gradient entries");
+      "gram[b] += Σ g gᵀ (float64) for a (k, N) chunk (= with overwrite: the state's old contents are never "
+      "read); returns the number of NaN/Inf gradient entries");
   m.def(
       "damped_inverse",
       [](uintptr_t gram, int64_t nb, int B, double inv_m, double damp, bool relative, uintptr_t out, int out_fp64,

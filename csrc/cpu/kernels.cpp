@@ -9,6 +9,7 @@
 
 #include "ovit_cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -73,8 +74,11 @@ void syrk_upper(double* __restrict C, int ldc, const double* __restrict A, const
 
 // Returns the number of NaN/Inf gradient entries of the block (accumulated all the same).
 template <typename G>
-int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64_t col0, std::vector<double>& x) {
+int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64_t col0, std::vector<double>& x,
+                   bool overwrite) {
   const int Bp = padded(B) + kTr;  // room for a row tile that starts near B
+  if (overwrite)  // a fresh state: zeroed here, in this thread's cache, instead of a pass over all of it first
+    std::fill(g, g + (int64_t)B * B, 0.0);
   x.assign((size_t)k * Bp, 0.0);
   int64_t nonfinite = 0;
   for (int64_t i = 0; i < k; ++i) {
@@ -345,14 +349,16 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
 }  // namespace
 
 template <typename G>
-int64_t gram_update(double* gram, const G* grads, int64_t nb, int B, int64_t k, int64_t N, int threads) {
+int64_t gram_update(double* gram, const G* grads, int64_t nb, int B, int64_t k, int64_t N, int threads,
+                    bool overwrite) {
   check_block(B);
   if (N != nb * B) throw std::invalid_argument("grads must have nb*B columns");
   const int t = std::max(1, threads);
   std::vector<std::vector<double>> scratch(t);
   std::vector<int64_t> nonfinite(t, 0);
   parallel_for(nb, threads, [&](int64_t b, int tid) {
-    nonfinite[tid] += gram_block(gram + b * (int64_t)B * B, grads, B, k, N, b * (int64_t)B, scratch[tid]);
+    nonfinite[tid] +=
+        gram_block(gram + b * (int64_t)B * B, grads, B, k, N, b * (int64_t)B, scratch[tid], overwrite);
   });
   int64_t total = 0;
   for (int64_t v : nonfinite) total += v;
@@ -576,7 +582,7 @@ void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t
                                uint8_t*, uint8_t*, int);                                                          \
   template void scores<T>(const T*, const T*, int64_t, int, T*, int);                                            \
   template void update_independent<T>(const T*, const T*, const uint8_t*, int64_t, int, T*, uint8_t*, int);      \
-  template int64_t gram_update<T>(double*, const T*, int64_t, int, int64_t, int64_t, int);
+  template int64_t gram_update<T>(double*, const T*, int64_t, int, int64_t, int64_t, int, bool);
 
 OVIT_CPU_INSTANTIATE(float)
 OVIT_CPU_INSTANTIATE(double)

@@ -17,9 +17,11 @@ namespace ovit::cpu {
 constexpr int kMaxBlock = 4096;
 
 // gram[b] += Σ_i g_i,b g_i,bᵀ in float64 for the k rows of grads. Returns how many gradient
-// entries were NaN/Inf (the caller rejects the chunk: the state has taken part of it).
+// entries were NaN/Inf (the caller rejects the chunk: the state has taken part of it). With overwrite,
+// gram[b] = Σ ... instead (a fresh state, never read).
 template <typename G>
-int64_t gram_update(double* gram, const G* grads, int64_t nb, int B, int64_t k, int64_t N, int threads);
+int64_t gram_update(double* gram, const G* grads, int64_t nb, int B, int64_t k, int64_t N, int threads,
+                    bool overwrite = false);
 
 // out[b] = (λ'I + gram[b]/m)⁻¹ (λ' = λ, or λ·mean(diag(gram[b]/m)) when relative, λ where that
 // mean is 0) by a symmetric Gauss–Jordan sweep in float64; ok[b] = 1 iff every pivot was

@@ -1,14 +1,21 @@
-"""ovit: one-shot Optimal ViT Surgeon pruning on top of the ``ovit_kernels`` backend."""
+"""ovit: Optimal ViT Surgeon pruning (one-shot and gradual) on top of the ``ovit_kernels`` backend."""
 
+from .gradual import Pruner
 from .layers import DEFAULT_PATTERN, Layout, block_layout, select_layers
+from .masks import MaskHolder
 from .pruner import METHODS, LayerReport, PruneReport, one_shot_prune
+from .schedules import CyclicLinearLR, SparsitySchedule
 
 __all__ = [
     "DEFAULT_PATTERN",
     "METHODS",
+    "CyclicLinearLR",
     "LayerReport",
     "Layout",
+    "MaskHolder",
     "PruneReport",
+    "Pruner",
+    "SparsitySchedule",
     "block_layout",
     "one_shot_prune",
     "select_layers",

@@ -38,7 +38,7 @@ inline T& up(T* U, int B, int i, int j) {
 // stride ld ≥ n rounded up to kTc, zero-padded), in kTr × kTc register tiles over the k rows.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kTr = 8, kTc = 8;
+constexpr int kTr = 4, kTc = 16;
 
 inline int padded(int n) { return (n + kTc - 1) / kTc * kTc; }
 

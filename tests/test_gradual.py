@@ -182,7 +182,7 @@ def test_masks_hold_under_torch_compile():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10))
     data = data_of(6)
-    pruner = small_pruner(model, layers=["1", "3"])
+    pruner = small_pruner(model, layers=["1", "3"], num_grads=6)
     pruner.step(data, 0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     pruner.hold(opt)
@@ -235,3 +235,58 @@ def test_cyclic_linear_lr_restarts_at_every_step():
     assert warm.get_last_lr()[0] == pytest.approx(0.01)
     with pytest.raises(ValueError, match="increase strictly"):
         ovit.CyclicLinearLR(torch.optim.SGD(model.parameters(), lr=1.0), [3, 3], 1, epochs=10)
+
+
+# --- the training loop ---------------------------------------------------------------------------
+
+
+def run_gradual(out_dir, log=None, **kw):
+    torch.manual_seed(6)
+    model = TinyViT(dim=16, depth=1, heads=2)
+    data = data_of(6)
+    sched = ovit.SparsitySchedule(0.3, 0.6, steps=2, every=2, hold=1)
+    hist = ovit.gradual_prune(model, data, schedule=sched, eval_data=data[:2], out_dir=str(out_dir), log=log,
+                              optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), block_size=16, num_grads=6,
+                              damp=1e-2, damp_mode="relative", progress=False, **kw)  # fmt: skip
+    return model, hist
+
+
+def test_gradual_prune_logs_sweeps_and_resumes(tmp_path):
+    model, hist = run_gradual(tmp_path / "a")
+    assert [h["epoch"] for h in hist] == list(range(5))
+    assert [h["target"] for h in hist] == pytest.approx([0.3, 0.3, 0.6, 0.6, 0.6])
+    assert [h["sparsity"] for h in hist] == pytest.approx([0.3, 0.3, 0.6, 0.6, 0.6], abs=1e-3)
+    assert all(h["accuracy"] is not None for h in hist)
+    subs = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("sparsity="))
+    assert subs == ["sparsity=0.3000", "sparsity=0.6000"]
+    best = torch.load(tmp_path / "a" / "sparsity=0.6000" / "best.pt", weights_only=False)
+    assert best["accuracy"] == max(h["accuracy"] for h in hist if h["target"] == pytest.approx(0.6))
+
+    def stop_at_2(line):
+        if line.startswith("epoch 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_gradual(tmp_path / "b", log=stop_at_2)
+    lines = []
+    resumed, hist_b = run_gradual(tmp_path / "b", log=lines.append)
+    assert lines[0].startswith("resumed") and [h["epoch"] for h in hist_b] == list(range(5))
+    for (k, v), (_, u) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(v == 0, u == 0), k  # the same final mask
+        torch.testing.assert_close(v, u, msg=k)
+
+
+def test_gradual_prune_with_a_teacher_and_bad_input(tmp_path):
+    torch.manual_seed(7)
+    teacher = TinyViT(dim=16, depth=1, heads=2)
+    model = TinyViT(dim=16, depth=1, heads=2)
+    model.load_state_dict(teacher.state_dict())
+    data = data_of(4)
+    sched = ovit.SparsitySchedule(0.5, 0.5, steps=1, every=1)
+    hist = ovit.gradual_prune(model, data, schedule=sched, teacher=teacher, log=None, block_size=16, num_grads=4,
+                              damp=1e-2, damp_mode="relative", progress=False)  # fmt: skip
+    assert len(hist) == 1 and hist[0]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ValueError, match="kd_weight"):
+        ovit.gradual_prune(model, data, schedule=sched, teacher=teacher, kd_weight=2.0, log=None, progress=False)
+    with pytest.raises(TypeError, match="length"):
+        ovit.gradual_prune(model, iter(data), schedule=sched, log=None, progress=False)

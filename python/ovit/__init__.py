@@ -1,6 +1,6 @@
 """ovit: Optimal ViT Surgeon pruning (one-shot and gradual) on top of the ``ovit_kernels`` backend."""
 
-from .gradual import Pruner
+from .gradual import Pruner, gradual_prune
 from .layers import DEFAULT_PATTERN, Layout, block_layout, select_layers
 from .masks import MaskHolder
 from .pruner import METHODS, LayerReport, PruneReport, one_shot_prune
@@ -17,6 +17,7 @@ __all__ = [
     "Pruner",
     "SparsitySchedule",
     "block_layout",
+    "gradual_prune",
     "one_shot_prune",
     "select_layers",
 ]

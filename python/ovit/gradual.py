@@ -24,7 +24,8 @@ Plugging it into your own loop::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 from .layers import select_layers
 from .masks import MaskHolder
 from .pruner import METHODS, PruneReport, one_shot_prune
+from .schedules import CyclicLinearLR, SparsitySchedule
 
 
 class Pruner:
@@ -215,3 +217,185 @@ class Pruner:
             }
         )
         return reports[-1]
+
+
+def _accuracy(model: nn.Module, data: Iterable, device: torch.device) -> float:
+    """Top-1 accuracy of ``model`` over ``(inputs, targets)`` batches."""
+    was = model.training
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for x, y in data:
+            x, y = x.to(device), y.to(device)
+            right += int((model(x).argmax(-1) == y).sum())
+            total += int(y.numel())
+    model.train(was)
+    return right / max(1, total)
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, weight: float, temp: float,
+             loss_fn) -> torch.Tensor:  # fmt: skip
+    """(1 − weight)·task loss + weight·T²·KL(teacher_T ‖ student_T)."""
+    kl = nn.functional.kl_div(
+        nn.functional.log_softmax(student / temp, -1), nn.functional.log_softmax(teacher / temp, -1),
+        log_target=True, reduction="batchmean",
+    )  # fmt: skip
+    return (1 - weight) * loss_fn(student, targets) + weight * temp * temp * kl
+
+
+def gradual_prune(
+    model: nn.Module,
+    train_data: Iterable,
+    *,
+    schedule: SparsitySchedule,
+    optimizer: torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    pruner: Pruner | None = None,
+    calib_data: Iterable | None = None,
+    eval_data: Iterable | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    kd_weight: float = 0.5,
+    kd_temperature: float = 2.0,
+    amp_dtype: torch.dtype | None = None,
+    min_lr: float = 0.0,
+    warmup: float = 0.0,
+    out_dir: str | None = None,
+    resume: bool = True,
+    log: Callable[[str], None] | None = print,
+    **pruner_options: Any,
+) -> list[dict]:
+    """Gradual pruning with recovery: prune at the start of every pruning epoch of ``schedule``
+    (Fisher re-estimated on the current sparse model), fine-tune with the masks held and the
+    cyclic linear learning rate (restarted at every step), evaluate after every epoch.
+
+    Args:
+        model: trained dense (or partly pruned) model; changed in place.
+        train_data: re-iterable ``(inputs, targets)`` batches (a DataLoader); one pass = one epoch.
+        schedule: the :class:`~ovit.schedules.SparsitySchedule`.
+        optimizer: an optimizer of ``model``'s parameters, or a factory ``f(params)``; default
+            AdamW(lr=1e-3, weight_decay=0.05). Its ``lr`` is the peak of every cycle.
+        pruner: a :class:`Pruner` of ``model`` (default: one built from ``pruner_options``).
+        calib_data: batches for the gradient sampling (default: ``train_data``).
+        eval_data: batches for top-1 accuracy after every epoch (the sweep needs it).
+        loss_fn: task loss (default cross-entropy).
+        teacher: optional model to distil from (e.g. the dense model): the loss becomes
+            (1 − kd_weight)·task + kd_weight·T²·KL at temperature ``kd_temperature``.
+        amp_dtype: autocast dtype for training (e.g. ``torch.bfloat16``).
+        min_lr, warmup: of :class:`~ovit.schedules.CyclicLinearLR`.
+        out_dir: where to write ``log.json`` (one record per epoch), ``last.pt`` (everything
+            needed to resume) and the sparsity sweep: ``sparsity=<target>/best.pt``, the best model
+            at every target sparsity the run passes through, with its pruner state.
+        resume: continue from ``out_dir/last.pt`` when it exists.
+        log: a function for one line per epoch (None: silent).
+        **pruner_options: keywords of :class:`Pruner` when ``pruner`` is None.
+
+    Returns:
+        the log: one dict per epoch (epoch, target and achieved sparsity, train loss, accuracy,
+        seconds of pruning and of training).
+    """
+    import json
+    import os
+    import time
+
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters")
+    device = params[0].device
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    if pruner is None:
+        pruner = Pruner(model, **pruner_options)
+    elif pruner_options:
+        raise TypeError("give either a pruner or pruner options, not both")
+    if pruner.model is not model:
+        raise ValueError("pruner belongs to another model")
+    if not 0.0 <= kd_weight <= 1.0 or kd_temperature <= 0:
+        raise ValueError("kd_weight must lie in [0, 1] and kd_temperature be positive")
+    if schedule.initial < pruner.sparsity - 1e-9:
+        raise ValueError(f"the schedule starts at {schedule.initial}, below the model's sparsity {pruner.sparsity:.4f}")
+    if optimizer is None:
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        opt = optimizer
+    else:
+        opt = optimizer(params)
+    try:
+        steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError("train_data must have a length (a DataLoader or a list of batches)") from None
+    if steps_per_epoch < 1:
+        raise ValueError("train_data is empty")
+    lr = CyclicLinearLR(opt, schedule, steps_per_epoch, min_lr=min_lr, warmup=warmup)
+    pruner.hold(opt)
+    if teacher is not None:
+        teacher.eval()
+    history: list[dict] = []
+    best: dict[str, float] = {}
+    start = 0
+    last = os.path.join(out_dir, "last.pt") if out_dir else None
+    if last and resume and os.path.exists(last):
+        ck = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        pruner.load_state_dict(ck["pruner"])
+        opt.load_state_dict(ck["optimizer"])
+        lr.load_state_dict(ck["lr"])
+        history, best, start = ck["history"], ck["best"], ck["epoch"] + 1
+        if log:
+            log(f"resumed from {last} after epoch {ck['epoch']}")
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    for epoch in range(start, schedule.epochs):
+        t0 = time.perf_counter()
+        k = schedule.step_at(epoch)
+        if k is not None:
+            pruner.step(calib_data if calib_data is not None else train_data, schedule.target(k))
+        t_prune = time.perf_counter() - t0
+        model.train()
+        total, n = 0.0, 0
+        for x, y in train_data:
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                out = model(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                    loss = _kd_loss(out.float(), t_out.float(), y, kd_weight, kd_temperature, loss_fn)
+                else:
+                    loss = loss_fn(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr.step()
+            total += float(loss.detach())
+            n += 1
+        t_train = time.perf_counter() - t0 - t_prune
+        acc = _accuracy(model, eval_data, device) if eval_data is not None else None
+        rec = {"epoch": epoch, "target": schedule.sparsity_at(epoch), "sparsity": pruner.sparsity, "loss": total / n,
+               "accuracy": acc,
+               "prune_seconds": t_prune, "train_seconds": t_train}  # fmt: skip
+        history.append(rec)
+        if log:
+            a = "" if acc is None else f", accuracy {acc:.4f}"
+            log(f"epoch {epoch}: sparsity {rec['sparsity']:.4f}, loss {rec['loss']:.4f}{a} "
+                f"(pruning {t_prune:.1f} s, training {t_train:.1f} s)")  # fmt: skip
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            key = f"{rec['target']:.4f}"  # the schedule's target: the achieved sparsity differs by rounding
+            if acc is not None and acc > best.get(key, -1.0):
+                best[key] = acc
+                sub = os.path.join(out_dir, f"sparsity={key}")
+                os.makedirs(sub, exist_ok=True)
+                _save(os.path.join(sub, "best.pt"), {"model": model.state_dict(), "pruner": pruner.state_dict(),
+                                                     "epoch": epoch, "accuracy": acc})  # fmt: skip
+            _save(last, {"model": model.state_dict(), "pruner": pruner.state_dict(), "optimizer": opt.state_dict(),
+                         "lr": lr.state_dict(), "history": history, "best": best, "epoch": epoch})  # fmt: skip
+            with open(os.path.join(out_dir, "log.json"), "w") as f:
+                json.dump(history, f, indent=1)
+    return history
+
+
+def _save(path: str, obj: dict) -> None:
+    """torch.save through a temporary file, so an interrupted save never leaves a broken file."""
+    import os
+
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -290,3 +290,18 @@ def test_gradual_prune_with_a_teacher_and_bad_input(tmp_path):
         ovit.gradual_prune(model, data, schedule=sched, teacher=teacher, kd_weight=2.0, log=None, progress=False)
     with pytest.raises(TypeError, match="length"):
         ovit.gradual_prune(model, iter(data), schedule=sched, log=None, progress=False)
+
+
+def test_gradual_demo_small(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from ovit.demo import DemoConfig, GradualConfig, run_gradual_demo
+
+    base = DemoConfig(seeds=(0,), epochs=1, num_grads=8, out=str(tmp_path / "out"))
+    cfg = GradualConfig(base=base, seeds=(0,), initial=0.5, final=0.7, steps=2, every=1, hold=0, report=(0.7,),
+                        num_grads=8, one_shot_damps=(("relative", 1e-2),), out=str(tmp_path / "out"))  # fmt: skip
+    out = run_gradual_demo(cfg, log=lambda *_: None)
+    assert set(out["results"]) == {"ovit", "global_magnitude", "one-shot ovit"}
+    assert all(len(v["0.7"]) == 1 for v in out["results"].values())
+    assert (tmp_path / "out" / "digits_gradual.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="never reaches"):
+        run_gradual_demo(GradualConfig(base=base, seeds=(0,), report=(0.93,), out=str(tmp_path / "out")))

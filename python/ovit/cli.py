@@ -13,7 +13,17 @@ from .pruner import METHODS
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, GradualConfig, run_demo, run_gradual_demo
+
+    if args.gradual:
+        gcfg = GradualConfig(out=args.out)
+        if args.fast:
+            gcfg = GradualConfig(seeds=(0,), initial=0.5, final=0.9, steps=3, every=1, hold=1, report=(0.9,),
+                                 base=DemoConfig(num_grads=128), out=args.out)  # fmt: skip
+        if args.seeds is not None:
+            gcfg.seeds = tuple(range(args.seeds))
+        run_gradual_demo(gcfg)
+        return 0
 
     cfg = DemoConfig(out=args.out)
     if args.fast:
@@ -117,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="train a small ViT on digits, prune it by every method, plot accuracy")
     d.add_argument("--fast", action="store_true", help="a quick run (1 seed, few epochs, few gradients)")
     d.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    d.add_argument("--gradual", action="store_true",
+                   help="gradual oViT vs gradual global magnitude to 90%% and 95%%, and one-shot oViT")  # fmt: skip
     d.add_argument("--out", default="ovit_out", help="folder for the plot and the JSON results")
     d.set_defaults(func=_demo)
     p = sub.add_parser("prune", help="prune a timm model on an ImageFolder data set")

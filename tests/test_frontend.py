@@ -512,3 +512,78 @@ def test_reported_loss_is_the_quadratic_model_of_the_change(method, cached):
     delta = (layer.weight.detach() - w0).flatten().double().view(-1, b)
     want = 0.5 * float(torch.einsum("ni,nij,nj->", delta, fisher, delta))
     assert rep.est_loss_increase == pytest.approx(want, rel=1e-6)
+
+
+# --- what a new user hit ---------------------------------------------------------------------------
+
+
+def test_bad_arguments_and_weights_are_refused_clearly():
+    model = TinyViT(dim=32, depth=1, heads=2)
+    data = random_data(n_batches=4)
+    kw = dict(block_size=16, num_grads=4, progress=False)
+    for bad in (dict(num_grads=2.7), dict(num_grads=0), dict(block_size=0), dict(block_size=1.5)):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            ovit.one_shot_prune(model, data, 0.5, **{**kw, **bad})
+    for g in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="grad_batch_size must be a positive int"):
+            ovit.one_shot_prune(model, data, 0.5, grad_batch_size=g, **kw)
+    with pytest.raises(ValueError, match="more than once"):
+        ovit.one_shot_prune(model, data, 0.5, layers=["blocks.0.mlp.fc1", "blocks.0.mlp.fc1"], **kw)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[0, 0] = float("nan")
+    for method in ovit.METHODS:  # magnitude used to prune around NaN silently
+        with pytest.raises(ValueError, match="'blocks.0.mlp.fc2' has NaN/Inf weights"):
+            ovit.one_shot_prune(model, data, 0.5, method=method, **kw)
+
+
+def test_nm_groups_must_not_straddle_rows():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.ReLU(), nn.Linear(6, 10))  # rows of 6 weights
+    data = random_data(n_batches=4)
+    with pytest.raises(ValueError, match="straddle rows"):
+        ovit.one_shot_prune(model, data, pattern="2:4", layers=["1", "3"], block_size=16, num_grads=4, progress=False)
+    rep = ovit.one_shot_prune(model, data, pattern="2:4", layers=["1"], block_size=16, num_grads=4, progress=False)
+    assert rep.total_pruned == 64 * 6 // 2
+
+
+def test_an_interrupted_commit_leaves_the_model_untouched(monkeypatch):
+    torch.manual_seed(0)
+    model = TinyViT(dim=32, depth=1, heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = PrunableLayer.unblock, []
+
+    def interrupted(self, blocks):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, blocks)
+
+    monkeypatch.setattr(PrunableLayer, "unblock", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ovit.one_shot_prune(model, random_data(n_batches=4), 0.5, method="magnitude", block_size=16, progress=False)
+    assert len(calls) == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_cli_answers_mistakes_in_one_line(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from ovit.cli import main
+
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    base = ["prune", "--data", str(folder), "--out", str(tmp_path / "o.pt")]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--model", "vit_tiny_patch16_224", "--sparsity", "50"])
+    assert e.value.code == 2 and "did you mean 0.5?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--model", "vit_tiny_patch16_224"])
+    assert "--sparsity is required" in capsys.readouterr().err
+    assert main([*base, "--model", "no_such_model_xyz", "--sparsity", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model 'no_such_model_xyz'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    ck = tmp_path / "ck.pt"
+    torch.save({"head.weight": torch.zeros(3, 3)}, ck)
+    assert main([*base, "--model", "vit_tiny_patch16_224", "--checkpoint", str(ck), "--sparsity", "0.5",
+                 "--model-kwargs", '{"img_size": 32, "depth": 1}']) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and len(err.strip().splitlines()) == 1

@@ -41,6 +41,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_state(model: torch.nn.Module, sd: dict, what: str) -> None:
+    """load_state_dict with one line saying what does not match."""
+    try:
+        res = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # size mismatches
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise ValueError(f"{what} does not fit the model: {first}") from None
+    if res.missing_keys or res.unexpected_keys:
+        raise ValueError(
+            f"{what} does not fit the model: {len(res.missing_keys)} missing key(s) "
+            f"(e.g. {res.missing_keys[:2]}), {len(res.unexpected_keys)} unexpected (e.g. {res.unexpected_keys[:2]})"
+        )
+
+
 def _load_model(spec: str, checkpoint: str | None, kwargs: dict) -> torch.nn.Module:
     import timm
 
@@ -49,13 +63,17 @@ def _load_model(spec: str, checkpoint: str | None, kwargs: dict) -> torch.nn.Mod
         if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
             raise SystemExit(f"{spec}: expected a checkpoint {{'arch': timm name, 'state_dict': ...}}")
         model = timm.create_model(ckpt["arch"], pretrained=False, **{**ckpt.get("kwargs", {}), **kwargs})
-        model.load_state_dict(ckpt["state_dict"])
+        _load_state(model, ckpt["state_dict"], spec)
         return model
+    if not timm.is_model(spec):
+        raise ValueError(f"unknown model {spec!r}: neither a timm model name nor a checkpoint file")
     model = timm.create_model(spec, pretrained=False, **kwargs)
     if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f"--checkpoint {checkpoint!r} is not a file")
         sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
         sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
-        model.load_state_dict(sd)
+        _load_state(model, sd, checkpoint)
     return model
 
 
@@ -157,7 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="path of the pruned state dict (.pt); the report goes beside it")
     p.set_defaults(func=_prune)
     args = ap.parse_args(argv)
-    return args.func(args)
+    if args.cmd == "prune":
+        if args.sparsity is not None and not 0 <= args.sparsity < 1:
+            hint = f"; did you mean {args.sparsity / 100:g}?" if 1 <= args.sparsity < 100 else ""
+            ap.error(f"--sparsity must be a fraction in [0, 1), got {args.sparsity:g}{hint}")
+        if args.sparsity is None and args.pattern == "unstructured":
+            ap.error("--sparsity is required for unstructured pruning (or give --pattern n:m)")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as e:
+        if os.environ.get("OVIT_DEBUG", "0") not in ("", "0"):
+            raise
+        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        print(f"ovit: error: {msg} (OVIT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -74,11 +74,7 @@ class Pruner:
                 raise TypeError(f"{bad!r} is not an option of Pruner")
         self.model = model
         chosen = select_layers(model, layers)
-        names = [n for n, _ in chosen]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"layers names a module more than once: {dup}")
-        self.names = names
+        self.names = [n for n, _ in chosen]
         self.config = dict(method=method, block_size=int(block_size), pattern=pattern, damp=float(damp),
                            damp_mode=damp_mode, num_grads=int(num_grads))  # fmt: skip
         self.options = options

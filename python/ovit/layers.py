@@ -114,4 +114,8 @@ def select_layers(
                 raise TypeError(f"{n!r} is a {type(m).__name__}; only Linear and Conv2d can be pruned")
     if not chosen:
         raise ValueError(f"no Linear/Conv2d module of the model matches {what}")
+    names = [n for n, _ in chosen]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"layers names the same module more than once: {dup}")
     return chosen

@@ -343,11 +343,11 @@ def one_shot_prune(
     sparsity = float(sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
-    if int(num_grads) < 1:
-        raise ValueError(f"num_grads must be >= 1, got {num_grads!r}")
+    for name, v in (("num_grads", num_grads), ("block_size", block_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    num_grads, block_size = int(num_grads), int(block_size)
     grad_group(grad_mode, grad_batch_size)  # refuses a bad pair before any work
-    if int(block_size) < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
     loss_fn = loss_fn or F.cross_entropy
     params = list(model.parameters())
     if not params:
@@ -356,6 +356,15 @@ def one_shot_prune(
     group = nm[1] if nm else 1
     chosen = select_layers(model, layers)
     players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size, group)) for n, m in chosen]
+    for ly in players:
+        w = ly.weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{ly.name!r} has NaN/Inf weights ({int((~torch.isfinite(w)).sum())} of {w.numel()})")
+        if nm is not None and w[0].numel() % nm[1]:
+            raise ValueError(
+                f"pattern {pattern!r}: {ly.name!r} has rows of {w[0].numel()} weights, not a multiple of "
+                f"{nm[1]}, so its groups would straddle rows (not a hardware N:M pattern); leave it out of layers"
+            )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, float] = {}
@@ -578,10 +587,19 @@ def one_shot_prune(
                 pruned / ly.layout.numel,
             )
         )
+    # all or nothing, even if interrupted (KeyboardInterrupt) half way: written layers are restored
+    written: list[tuple[PrunableLayer, torch.Tensor]] = []
     with torch.no_grad():
-        for ly in players:
-            ly.weight.copy_(ly.unblock(new_w[ly.name]).to(ly.weight.dtype))
-            ly.weight.view(-1)[~keep[ly.name].reshape(-1)[: ly.layout.numel]] = 0
+        try:
+            for ly in players:
+                old = ly.weight.detach().clone()
+                written.append((ly, old))
+                ly.weight.copy_(ly.unblock(new_w[ly.name]).to(ly.weight.dtype))
+                ly.weight.view(-1)[~keep[ly.name].reshape(-1)[: ly.layout.numel]] = 0
+        except BaseException:
+            for ly, old in written:
+                ly.weight.copy_(old)
+            raise
     _sync(device)
     times["total"] = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -70,9 +70,11 @@ def run(
     amp: torch.dtype | None,
     device: str = "cuda",
     block_size: int = 192,
+    grad_mode: str = "mini_batch",
     **model_kw,
 ) -> list[dict]:
     """One-shot oViT at 50% on each timm model; one row per model (also printed as JSON).
+    ``grad_mode="per_sample"``: ``num_grads`` single-image gradients from passes of ``batch``.
     ``device="cpu"`` with a tiny ``model_kw`` (e.g. ``img_size=32, depth=2``) and a small
     ``block_size`` dry-runs the script in seconds."""
     import timm
@@ -98,6 +100,8 @@ def run(
             damp=1e-8,
             amp_dtype=amp,
             progress=False,
+            grad_mode=grad_mode,
+            pass_batch_size=batch if grad_mode != "mini_batch" else None,
         )
         samp = rep.times["sampling"]
         total = rep.times["total"]
@@ -111,7 +115,8 @@ def run(
             "passes": rep.passes,
             "times": rep.times,
             "non_sampling_fraction": (total - samp) / total,
-            "sampling_images_per_s": rep.num_grads * batch / samp * max(1, rep.passes),
+            "grad_mode": grad_mode,
+            "sampling_images_per_s": (rep.samples or rep.num_grads * batch) / samp * max(1, rep.passes),
             "training_images_per_s": thr,
             "peak_memory_GiB": (rep.peak_memory_bytes or 0) / 2**30,
             "achieved_sparsity": rep.achieved_sparsity,

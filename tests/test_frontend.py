@@ -587,3 +587,77 @@ def test_cli_answers_mistakes_in_one_line(tmp_path, capsys):
                  "--model-kwargs", '{"img_size": 32, "depth": 1}']) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "does not fit the model" in err and len(err.strip().splitlines()) == 1
+
+
+# --- stages that must not be subtly wrong ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ovit", "woodfisher", "global_magnitude"])
+def test_exact_k_with_padded_layers_and_an_already_sparse_model(method, monkeypatch):
+    """A layer that needs padding (49 weights in blocks of 8) and weights that are already zero:
+    exactly K = ⌊s·N + ½⌋ real weights end pruned, the old zeros among them; the elimination is
+    told the old zeros are pruned (its mask covers them)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 10))
+    with torch.no_grad():
+        model[1].weight[:, :20] = 0  # 140 of 448 already pruned
+        model[3].weight[0] = 0
+    old = {n: dict(model.named_modules())[n].weight.detach() == 0 for n in ("1", "3", "5")}
+    masks_seen = []
+    import ovit.pruner as pruner_mod
+
+    real = pruner_mod.ok.obs_prune_order
+
+    def spy(w, h, *, mask=None, **kw):
+        masks_seen.append((w.detach().clone(), mask))
+        return real(w, h, mask=mask, **kw)
+
+    monkeypatch.setattr(pruner_mod.ok, "obs_prune_order", spy)
+    rep = ovit.one_shot_prune(model, random_data(), 0.55, method=method, layers=["1", "3", "5"], block_size=8,
+                              num_grads=12, damp=1e-2, damp_mode="relative", progress=False)  # fmt: skip
+    assert [lr.pad for lr in rep.layers] == [0, 7, 0]
+    zero, tot = pruned_fraction(model, ["1", "3", "5"])
+    assert tot == 448 + 49 + 70 and rep.total_pruned == math.floor(0.55 * tot + 0.5) == zero
+    mods = dict(model.named_modules())
+    assert all(bool((mods[n].weight[old[n]] == 0).all()) for n in old), "an old zero came back"
+    if method == "ovit":
+        assert len(masks_seen) == 3
+        for w, mask in masks_seen:
+            assert mask is not None and bool(mask[w == 0].all()), "old zeros not given as pre-pruned"
+
+
+def test_a_float32_failure_is_retried_in_float64(monkeypatch, gen):
+    """Blocks a float32 kernel flags (a pivot lost to rounding) are recomputed in float64 and the
+    run goes on with the float64 result for them."""
+    from conftest import random_fisher_inverse
+
+    import ovit_kernels as ok
+    from ovit_kernels import obs
+
+    _, h = random_fisher_inverse(3, 8, 20, 0.1, gen)
+    w = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    w, h = w.float().double(), h.float().double()  # the float64 retry sees the float32 inputs
+    o64, l64 = ok.obs_prune_order(w, h)
+    real = obs._backend.implementation
+
+    def flaky(case, backend=None):
+        name, fn = real(case, backend)
+        if case.dtype != torch.float32 or case.op not in ("obs_prune_order", "obs_reconstruct"):
+            return name, fn
+
+        def wrapped(*a):
+            *out, bad = fn(*a)
+            bad = bad.clone()
+            bad[1] = True  # as if block 1 met a non-positive pivot in float32
+            return (*out, bad)
+
+        wrapped.scans_inputs = getattr(fn, "scans_inputs", False)
+        return name, wrapped
+
+    monkeypatch.setattr(obs._backend, "implementation", flaky)
+    o32, l32 = ok.obs_prune_order(w.float(), h.float())
+    assert torch.equal(o32[1], o64[1]) and torch.equal(l32[1], l64[1].float())
+    counts = torch.tensor([2, 5, 3])
+    w32, _ = ok.obs_reconstruct(w.float(), h.float(), o64, counts)
+    w64, _ = ok.obs_reconstruct(w, h, o64, counts)
+    torch.testing.assert_close(w32[1], w64[1].float(), rtol=0, atol=0)

@@ -261,11 +261,17 @@ class FisherInverse:
         acc.seen = int(num_grads)
         return acc
 
-    def compute(self) -> torch.Tensor:
+    def compute(self, allow_fewer: bool = False) -> torch.Tensor:
         """Return H = F⁻¹ per block, shape (nb, B, B), dtype ``self.dtype``.
 
+        Args:
+            allow_fewer: accept fewer gradients than ``num_grads`` (e.g. the data ran out) and
+                return the inverse for the m' actually seen. The Gram method divides by m' as
+                it is; the Woodbury state, built with 1/m, is converted exactly (float64, B³ per
+                block): with c = m/m', (λI + (c/m)G)⁻¹ = H (cI + (1 − c)λH)⁻¹ for H = (λI + G/m)⁻¹.
+
         Raises:
-            ValueError: no gradients, or fewer than ``num_grads``.
+            ValueError: no gradients, or fewer than ``num_grads`` (without ``allow_fewer``).
             NotPositiveDefiniteError: a block is not positive definite or holds NaN/Inf.
         """
         if self._result is not None:
@@ -274,12 +280,15 @@ class FisherInverse:
             raise RuntimeError(f"{self.name or 'this Fisher'} took part of a chunk with NaN/Inf: make a new one")
         if self.seen == 0:
             raise ValueError(f"no gradients were given to {self.name or 'this Fisher'}")
-        if self.num_grads is not None and self.seen != self.num_grads:
+        short = self.num_grads is not None and self.seen != self.num_grads
+        if short and not allow_fewer:
             who = self.name or "this Fisher"
             raise ValueError(f"{who} expected num_grads={self.num_grads} gradients, got {self.seen}")
         assert self._state is not None
-        m = float(self.num_grads or self.seen)
+        m = float(self.seen if short else (self.num_grads or self.seen))
         if self.method == "woodbury":
+            if short:
+                self._state = _woodbury_rescale(self._state, float(self.num_grads) / self.seen, self.damp)
             finv = self._state
             diag = finv.diagonal(dim1=1, dim2=2)
             ok = torch.isfinite(finv).all(dim=(1, 2)) & (diag > 0).all(dim=1)
@@ -297,6 +306,24 @@ class FisherInverse:
         self._state = None
         self._result = finv
         return finv
+
+
+def _woodbury_rescale(h: torch.Tensor, c: float, damp: float) -> torch.Tensor:
+    """(λI + (c/m)G)⁻¹ from H = (λI + G/m)⁻¹: H (cI + (1 − c)λH)⁻¹ per block, in float64 by
+    Cholesky (cI + (1 − c)λH has the eigenvalues (c·a + λ)/(a + λ) > 0 for the Fisher's a ≥ 0)."""
+    out = torch.empty_like(h)
+    b = h.shape[-1]
+    step = max(1, (64 << 20) // (3 * b * b * 8))
+    eye = torch.eye(b, dtype=torch.float64, device=h.device)
+    for s0 in range(0, h.shape[0], step):
+        hd = h[s0 : s0 + step].double()
+        mat = c * eye + (1.0 - c) * damp * hd
+        chol, info = torch.linalg.cholesky_ex(mat)
+        res = torch.cholesky_solve(hd, chol)  # M⁻¹H = H M⁻¹ (M is a polynomial in H)
+        res = 0.5 * (res + res.transpose(1, 2))
+        res[info != 0] = float("nan")  # reported as not positive definite by compute()
+        out[s0 : s0 + step] = res.to(h.dtype)
+    return out
 
 
 def fisher_quadratic(

@@ -221,3 +221,17 @@ def test_fisher_quadratic_is_half_delta_f_delta(damp_mode, gen):
         ok.fisher_quadratic(delta[:4], gram, 30, 1e-2)
     with pytest.raises(TypeError):
         ok.fisher_quadratic(delta, gram.float(), 30, 1e-2)
+
+
+@pytest.mark.parametrize("damp", [1e-3, 1e-1])
+def test_woodbury_with_fewer_gradients_than_announced(damp, gen):
+    """A Woodbury state built for m gradients that saw only m' converts exactly to the inverse
+    for m' (allow_fewer); without it, compute refuses."""
+    g = torch.randn(7, 4 * 12, generator=gen, dtype=torch.float64)
+    acc = ok.FisherInverse(48, 12, damp, 11, method="woodbury", dtype=torch.float64)
+    acc.update(g)
+    with pytest.raises(ValueError, match="expected num_grads=11"):
+        acc.compute()
+    got = acc.compute(allow_fewer=True)
+    want = ok.fisher_inverse(g, 12, damp, method="gram", dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -661,3 +661,13 @@ def test_a_float32_failure_is_retried_in_float64(monkeypatch, gen):
     w32, _ = ok.obs_reconstruct(w.float(), h.float(), o64, counts)
     w64, _ = ok.obs_reconstruct(w, h, o64, counts)
     torch.testing.assert_close(w32[1], w64[1].float(), rtol=0, atol=0)
+
+
+def test_woodbury_run_whose_data_runs_short_uses_what_it_got():
+    torch.manual_seed(2)
+    model = TinyViT(dim=32, depth=1, heads=2)
+    data = iter(random_data(n_batches=5))  # a one-shot iterator: 5 gradients for 8 asked
+    rep = ovit.one_shot_prune(model, data, 0.5, block_size=16, num_grads=8, fisher_method="woodbury",
+                              fisher_dtype=torch.float64, damp=1e-2, progress=False)  # fmt: skip
+    assert rep.num_grads == 5 and any("ran out after 5 of 8" in n for n in rep.notes)
+    assert abs(rep.achieved_sparsity - 0.5) < 1e-3

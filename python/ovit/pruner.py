@@ -224,22 +224,24 @@ def _nm_select(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.view(nb, b)
 
 
-def _global_select(keys: list[torch.Tensor], real: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """The K = floor(s·N + 0.5) smallest keys over the real entries of every layer (stable:
-    ties by layer, then position). Returns bool masks (True = prune) shaped like ``keys``."""
-    flat = torch.cat([k[r] for k, r in zip(keys, real)])
-    total = flat.numel()
-    kk = math.floor(sparsity * total + 0.5)
-    chosen = torch.zeros(total, dtype=torch.bool, device=flat.device)
-    if kk:
-        chosen[torch.sort(flat, stable=True).indices[:kk]] = True
-    out, start = [], 0
+def _global_select(
+    keys: list[torch.Tensor], real: list[torch.Tensor], sparsity: float, backend: str | None = None
+) -> list[torch.Tensor]:
+    """The K = floor(s·N + 0.5) smallest keys over the real entries of every layer, chosen by
+    ``ok.prune_counts`` on each block's sorted keys: the same K rule and tie-breaking (key, layer,
+    block, position) as the oViT selection. Keys must be >= -1 (padding is set below them).
+    Returns bool masks (True = prune) shaped like ``keys``, never on padding."""
+    srt, idxs, excl = [], [], []
     for k, r in zip(keys, real):
-        mask = torch.zeros_like(k, dtype=torch.bool)
-        cnt = int(r.sum())
-        mask[r] = chosen[start : start + cnt]
-        start += cnt
-        out.append(mask)
+        s, idx = torch.sort(torch.where(r, k, torch.full_like(k, -2.0)), dim=1, stable=True)
+        srt.append(s)
+        idxs.append(idx)
+        excl.append((~r).sum(1))
+    counts = ok.prune_counts(srt, sparsity, exclude=excl, backend=backend)
+    out = []
+    for s, idx, c, r in zip(srt, idxs, counts, real):
+        take = torch.arange(s.shape[1], device=s.device).unsqueeze(0) < c.unsqueeze(1)
+        out.append(torch.zeros_like(take).scatter_(1, idx, take) & r)
     return out
 
 
@@ -496,7 +498,7 @@ def one_shot_prune(
                 acc = accs.pop(ly.name)
                 if fisher_cache is not None and not woodbury:
                     fisher_cache[cache_key(ly)] = {"gram": acc.gram().to(store), "num_grads": taken}
-                finvs[ly.name] = acc.compute()
+                finvs[ly.name] = acc.compute(allow_fewer=True)  # short data: the m actually seen
             _sync(device)
             times["fisher_inverse"] = times.get("fisher_inverse", 0.0) + time.perf_counter() - t0
             _while_on_device(grp)
@@ -545,9 +547,10 @@ def one_shot_prune(
                 for ly, k in zip(players, keys)
             ]
         elif method == "magnitude":
-            prune = [_global_select([k], [~pads[ly.name]], sparsity)[0] | pads[ly.name] for ly, k in zip(players, keys)]
+            prune = [_global_select([k], [~pads[ly.name]], sparsity, backend)[0] | pads[ly.name]
+                     for ly, k in zip(players, keys)]  # fmt: skip
         else:
-            sel = _global_select(keys, [~pads[ly.name] for ly in players], sparsity)
+            sel = _global_select(keys, [~pads[ly.name] for ly in players], sparsity, backend)
             prune = [s | pads[ly.name] for ly, s in zip(players, sel)]
         times["selection"] = time.perf_counter() - t0
         t0 = time.perf_counter()

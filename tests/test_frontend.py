@@ -671,3 +671,29 @@ def test_woodbury_run_whose_data_runs_short_uses_what_it_got():
                               fisher_dtype=torch.float64, damp=1e-2, progress=False)  # fmt: skip
     assert rep.num_grads == 5 and any("ran out after 5 of 8" in n for n in rep.notes)
     assert abs(rep.achieved_sparsity - 0.5) < 1e-3
+
+
+def test_cli_gradual_on_an_image_folder(tmp_path):
+    pytest.importorskip("timm")
+    from PIL import Image
+
+    from ovit.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    run = tmp_path / "run"
+    args = ["gradual", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+            json.dumps({"img_size": 32, "depth": 1, "num_classes": 2}), "--data", str(tmp_path / "data"),
+            "--eval-data", str(tmp_path / "data"), "--initial", "0.3", "--final", "0.5", "--steps", "2",
+            "--kind", "linear", "--batch-size", "4", "--grad-batch-size", "2", "--num-grads", "4",
+            "--block-size", "32", "--damp", "1e-3", "--damp-mode", "relative", "--workers", "0",
+            "--out", str(run)]  # fmt: skip
+    assert main(args) == 0
+    log = json.loads((run / "log.json").read_text())
+    assert [round(r["target"], 2) for r in log] == [0.3, 0.5]
+    assert abs(log[-1]["sparsity"] - 0.5) < 1e-3 and (run / "sparsity=0.5000" / "best.pt").exists()
+    assert main([*args[:-1], str(run)]) == 0  # finished: resuming does nothing more

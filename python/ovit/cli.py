@@ -77,24 +77,36 @@ def _load_model(spec: str, checkpoint: str | None, kwargs: dict) -> torch.nn.Mod
     return model
 
 
-def _prune(args: argparse.Namespace) -> int:
-    import timm
-    from torchvision.datasets import ImageFolder
+def _model_and_folder(args: argparse.Namespace, folder: str, training: bool = False):
+    """The timm model of ``--model``/``--checkpoint`` on its device, and an ImageFolder with the
+    model's transform (training augmentation with ``training``)."""
 
-    from .pruner import one_shot_prune
-
-    if not os.path.isdir(args.data):
-        raise SystemExit(f"--data {args.data!r} is not a directory (an ImageFolder: one sub-folder per class)")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is not a directory (an ImageFolder: one sub-folder per class)")
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     model = _load_model(args.model, args.checkpoint, kwargs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    return model, device, _folder(model, folder, training)
+
+
+def _folder(model: torch.nn.Module, folder: str, training: bool):
+    import timm
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder!r} is not a directory (an ImageFolder: one sub-folder per class)")
     cfg = timm.data.resolve_data_config({}, model=model)
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img is not None:  # a model created at another resolution than its pretrained config
         cfg["input_size"] = (cfg["input_size"][0], *img)
-    tf = timm.data.create_transform(**cfg, is_training=False)
-    ds = ImageFolder(args.data, transform=tf)
+    return ImageFolder(folder, transform=timm.data.create_transform(**cfg, is_training=training))
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .pruner import one_shot_prune
+
+    model, device, ds = _model_and_folder(args, args.data)
     per_sample = args.grad_mode != "mini_batch"
     group = {"mini_batch": None, "per_sample": None, "micro_batch": args.grad_batch_size}[args.grad_mode]
     pass_size = args.pass_batch_size or (64 if group is None else -(-64 // group) * group)
@@ -139,6 +151,39 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gradual(args: argparse.Namespace) -> int:
+    import copy
+
+    from .gradual import Pruner, gradual_prune
+    from .schedules import SparsitySchedule
+
+    model, device, train_ds = _model_and_folder(args, args.data, training=True)
+    sched = SparsitySchedule(args.initial, args.final, steps=args.steps, every=args.every, hold=args.hold,
+                             kind=args.kind)  # fmt: skip
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")  # fmt: skip
+    if len(loader) == 0:
+        raise ValueError(f"--data holds fewer images than one batch of --batch-size {args.batch_size}")
+    calib = torch.utils.data.DataLoader(_folder(model, args.data, False), batch_size=args.grad_batch_size,
+                                        shuffle=True, num_workers=args.workers)  # fmt: skip
+    evals = None
+    if args.eval_data:
+        evals = torch.utils.data.DataLoader(_folder(model, args.eval_data, False), batch_size=args.batch_size,
+                                            num_workers=args.workers)  # fmt: skip
+    teacher = copy.deepcopy(model).eval() if args.distill else None
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    pruner = Pruner(model, method=args.method, block_size=args.block_size, num_grads=args.num_grads,
+                    damp=args.damp, damp_mode=args.damp_mode, layers=args.layers, grad_batch_size=args.grad_batch_size,
+                    amp_dtype=amp, backend=args.backend)  # fmt: skip
+    hist = gradual_prune(model, loader, schedule=sched, pruner=pruner, calib_data=calib, eval_data=evals,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=args.weight_decay),
+                         teacher=teacher, amp_dtype=amp, warmup=args.warmup, out_dir=args.out)  # fmt: skip
+    last = hist[-1] if hist else {}
+    print(f"gradual {args.method}: {len(hist)} epochs, sparsity {last.get('sparsity', 0):.4f}; "
+          f"log, checkpoints per sparsity and last.pt in {args.out}")  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ovit", description="Optimal ViT Surgeon: one-shot second-order pruning")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -174,6 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--out", required=True, help="path of the pruned state dict (.pt); the report goes beside it")
     p.set_defaults(func=_prune)
+    gr = sub.add_parser("gradual", help="gradual pruning with recovery of a timm model on an ImageFolder data set")
+    gr.add_argument("--model", required=True, help="timm model name, or a checkpoint {'arch', 'state_dict'}")
+    gr.add_argument("--checkpoint", help="state dict to load into a model given by name")
+    gr.add_argument("--model-kwargs", help="JSON keyword arguments for timm.create_model")
+    gr.add_argument("--data", required=True, help="ImageFolder of training images (also the calibration set)")
+    gr.add_argument("--eval-data", help="ImageFolder for accuracy after every epoch (needed for the sweep)")
+    gr.add_argument("--initial", type=float, required=True, help="sparsity of the first step")
+    gr.add_argument("--final", type=float, required=True, help="sparsity of the last step")
+    gr.add_argument("--steps", type=int, required=True, help="number of pruning steps")
+    gr.add_argument("--every", type=int, default=1, help="epochs between steps")
+    gr.add_argument("--hold", type=int, default=0, help="epochs at the final sparsity after the last recovery")
+    gr.add_argument("--kind", choices=("cubic", "linear"), default="cubic")
+    gr.add_argument("--method", choices=METHODS, default="ovit")
+    gr.add_argument("--block-size", type=int, default=192)
+    gr.add_argument("--num-grads", type=int, default=1024)
+    gr.add_argument("--grad-batch-size", type=int, default=128)
+    gr.add_argument("--damp", type=float, default=1e-8)
+    gr.add_argument("--damp-mode", choices=("absolute", "relative"), default="absolute")
+    gr.add_argument("--layers", default=None, help="regex of module names (default: timm attn/mlp linears)")
+    gr.add_argument("--lr", type=float, default=5e-4, help="peak of every cycle of the cyclic linear rate")
+    gr.add_argument("--weight-decay", type=float, default=0.05)
+    gr.add_argument("--warmup", type=float, default=0.0, help="epochs of warm-up")
+    gr.add_argument("--batch-size", type=int, default=128)
+    gr.add_argument("--distill", action="store_true", help="distil from the dense model while recovering")
+    gr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    gr.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "cpu", "reference"))
+    gr.add_argument("--device", default=None)
+    gr.add_argument("--workers", type=int, default=4)
+    gr.add_argument("--out", required=True, help="run folder: log.json, sparsity=<s>/best.pt, last.pt (resumed)")
+    gr.set_defaults(func=_gradual)
     args = ap.parse_args(argv)
     if args.cmd == "prune":
         if args.sparsity is not None and not 0 <= args.sparsity < 1:

@@ -305,3 +305,47 @@ def test_gradual_demo_small(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "digits_gradual.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="never reaches"):
         run_gradual_demo(GradualConfig(base=base, seeds=(0,), report=(0.93,), out=str(tmp_path / "out")))
+
+
+# --- the stages ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ovit", "woodfisher"])
+def test_stages_on_slices_of_the_layers_equal_one_run(method):
+    """Eliminate/score and reconstruct each run on one slice of the layers (as a shard or a
+    layer group would), the selection over all of them: the model equals one_shot_prune's."""
+    import ovit_kernels as ok
+    from ovit import stages
+    from ovit.layers import PrunableLayer, block_layout
+
+    torch.manual_seed(8)
+    ref = TinyViT(dim=32, depth=1, heads=2)
+    data = data_of(8)
+    kw = dict(method=method, block_size=16, num_grads=8, damp=1e-2, damp_mode="relative",
+              fisher_dtype=torch.float64, progress=False)  # fmt: skip
+    a = TinyViT(dim=32, depth=1, heads=2)
+    a.load_state_dict(ref.state_dict())
+    cache: dict = {}
+    rep = ovit.one_shot_prune(a, data, 0.6, fisher_cache=cache, **kw)
+    b = TinyViT(dim=32, depth=1, heads=2)
+    b.load_state_dict(ref.state_dict())
+    layers = [PrunableLayer(n, m, block_layout(m.weight.numel(), 16)) for n, m in ovit.select_layers(b)]
+    finvs = {ly.name: ok.FisherInverse.from_gram(cache[ly.name]["gram"], 8, 1e-2, damp_mode="relative",
+                                                 dtype=torch.float64).compute() for ly in layers}  # fmt: skip
+    spec = stages.StepSpec(method, 0.6, None, torch.float64, 1e-2, "relative", None, torch.device("cpu"))
+    slices = [layers[:1], layers[1:3], layers[3:]]
+    orders, losses, scores = {}, {}, {}
+    for sl in slices:
+        if method == "ovit":
+            o, ls = stages.eliminate(sl, finvs, spec)
+            orders.update(o)
+            losses.update(ls)
+        else:
+            scores.update(stages.score(sl, finvs, spec))
+    selection = stages.select(layers, spec, losses=losses, scores=scores)
+    for sl in slices:
+        new_w, keep, _ = stages.reconstruct(sl, spec, selection, finvs=finvs, orders=orders, losses=losses)
+        stages.commit(sl, new_w, keep)
+    for (k, v), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(v, u, msg=k)
+    assert rep.total_pruned == sum(int((~kp).sum()) for kp in [ly.weight.detach() != 0 for ly in layers])

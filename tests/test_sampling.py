@@ -193,3 +193,15 @@ def test_repeats_are_counted_in_gradients_per_sample():
                                  device=torch.device("cpu"), grad_mode="per_sample", progress=False)  # fmt: skip
     assert stats.gradients == 20 and stats.distinct_gradients == 12 and stats.repeats
     assert any("only 12 gradients for 20" in str(x.message) for x in w)
+
+
+def test_grad_modes_demo_small(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from ovit.demo import DemoConfig, GradModesConfig, run_grad_modes_demo
+
+    cfg = GradModesConfig(base=DemoConfig(seeds=(0,), epochs=1), seeds=(0,), sparsities=(0.5,),
+                          runs=(("mini", "mini_batch", 4, 6), ("per-sample", "per_sample", 1, 6)),
+                          damps=(("relative", 1e-2),), out=str(tmp_path / "out"))  # fmt: skip
+    out = run_grad_modes_demo(cfg, log=lambda *_: None)
+    assert out["images"] == {"mini": 24, "per-sample": 6}
+    assert set(out["results"]) == {"mini", "per-sample"} and (tmp_path / "out" / "digits_grad_modes.json").exists()

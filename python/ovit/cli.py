@@ -13,8 +13,11 @@ from .pruner import METHODS
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, GradualConfig, run_demo, run_gradual_demo
+    from .demo import DemoConfig, GradualConfig, run_demo, run_grad_modes_demo, run_gradual_demo
 
+    if args.grad_modes:
+        run_grad_modes_demo()
+        return 0
     if args.gradual:
         gcfg = GradualConfig(out=args.out)
         if args.fast:
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="train a small ViT on digits, prune it by every method, plot accuracy")
     d.add_argument("--fast", action="store_true", help="a quick run (1 seed, few epochs, few gradients)")
     d.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    d.add_argument("--grad-modes", action="store_true",
+                   help="one-shot oViT: mini-batch vs per-sample gradients, equal gradients or images")  # fmt: skip
     d.add_argument("--gradual", action="store_true",
                    help="gradual oViT vs gradual global magnitude to 90%% and 95%%, and one-shot oViT")  # fmt: skip
     d.add_argument("--out", default="ovit_out", help="folder for the plot and the JSON results")

@@ -1,4 +1,6 @@
-"""One-shot pruning of a model with the public API of ``ovit_kernels`` (SPEC §3)."""
+"""One-shot pruning of a model with the public API of ``ovit_kernels`` (SPEC §3): the driver that
+chains sampling, the Fisher (in layer groups when memory is short) and the stages of
+:mod:`ovit.stages` for one step; :class:`ovit.Pruner` drives it step after step."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import nn
 
 import ovit_kernels as ok
 
+from . import stages
 from .layers import PrunableLayer, block_layout, select_layers
 from .sampling import grad_group, sample_gradients
 
@@ -215,50 +218,6 @@ def plan_memory(
     return MemoryPlan(groups, device if on_cpu else torch.device("cpu"), held + largest, held)
 
 
-def _nm_select(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """(nb, B) scores → bool mask pruning the m − n smallest of every group of m (stable)."""
-    nb, b = scores.shape
-    g = scores.reshape(nb, b // m, m)
-    idx = torch.sort(g, dim=-1, stable=True).indices[..., : m - n]
-    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
-    return mask.view(nb, b)
-
-
-def _global_select(
-    keys: list[torch.Tensor], real: list[torch.Tensor], sparsity: float, backend: str | None = None
-) -> list[torch.Tensor]:
-    """The K = floor(s·N + 0.5) smallest keys over the real entries of every layer, chosen by
-    ``ok.prune_counts`` on each block's sorted keys: the same K rule and tie-breaking (key, layer,
-    block, position) as the oViT selection. Keys must be >= -1 (padding is set below them).
-    Returns bool masks (True = prune) shaped like ``keys``, never on padding."""
-    srt, idxs, excl = [], [], []
-    for k, r in zip(keys, real):
-        s, idx = torch.sort(torch.where(r, k, torch.full_like(k, -2.0)), dim=1, stable=True)
-        srt.append(s)
-        idxs.append(idx)
-        excl.append((~r).sum(1))
-    counts = ok.prune_counts(srt, sparsity, exclude=excl, backend=backend)
-    out = []
-    for s, idx, c, r in zip(srt, idxs, counts, real):
-        take = torch.arange(s.shape[1], device=s.device).unsqueeze(0) < c.unsqueeze(1)
-        out.append(torch.zeros_like(take).scatter_(1, idx, take) & r)
-    return out
-
-
-def _quadratic_loss(delta: torch.Tensor, finv: torch.Tensor, piece_bytes: int = 32 << 20) -> float:
-    """½ δᵀ F δ summed over blocks, with F = H⁻¹ (solved by Cholesky of H in float64), a range
-    of blocks at a time so that the float64 temporaries stay within ``piece_bytes``."""
-    nb, b, _ = finv.shape
-    step = max(1, piece_bytes // (2 * b * b * 8))
-    total = 0.0
-    for s in range(0, nb, step):
-        chol, info = torch.linalg.cholesky_ex(finv[s : s + step].double())
-        d = delta[s : s + step].double().unsqueeze(-1)
-        val = 0.5 * (d * torch.cholesky_solve(d, chol)).sum(dim=(1, 2))
-        total += float(val[info == 0].sum())
-    return total
-
-
 def one_shot_prune(
     model: nn.Module,
     data: Iterable,
@@ -380,21 +339,18 @@ def one_shot_prune(
 
     scores: dict[str, torch.Tensor] = {}
 
+    spec = stages.StepSpec(method, sparsity, nm, fisher_dtype, float(damp), damp_mode, backend, device)
+
     def _while_on_device(grp: list[PrunableLayer]) -> None:
         """What needs a group's inverses, done while they are on the device: the greedy
         elimination (ovit) or the OBS saliencies (woodfisher)."""
         t0 = time.perf_counter()
-        for ly in grp:
-            wb = ly.blocks(ly.weight.detach().flatten().to(fisher_dtype))
-            h = finvs[ly.name].to(device)
-            if method == "woodfisher":
-                scores[ly.name] = ok.obs_scores(wb, h, backend=backend).float()
-                continue
-            pad = ly.pad_mask(device)
-            # Unstructured: padding is pre-pruned (and excluded from the count later). N:M: padding
-            # fills whole groups of its own, which the greedy empties first at zero loss.
-            pre = (wb == 0) | pad if nm is None else (wb == 0) & ~pad
-            orders[ly.name], losses[ly.name] = ok.obs_prune_order(wb, h, mask=pre, nm=nm, backend=backend)
+        if method == "woodfisher":
+            scores.update(stages.score(grp, finvs, spec))
+        else:
+            o, ls = stages.eliminate(grp, finvs, spec)
+            orders.update(o)
+            losses.update(ls)
         _sync(device)
         key = "elimination" if method == "ovit" else "scores"
         times[key] = times.get(key, 0.0) + time.perf_counter() - t0
@@ -511,68 +467,16 @@ def one_shot_prune(
 
     # --- selection and new weights ---------------------------------------------------------
     t0 = time.perf_counter()
-    new_w: dict[str, torch.Tensor] = {}
-    keep: dict[str, torch.Tensor] = {}
-    est: float | None = None
-    if method == "ovit":
-        if nm is None:
-            excl = [torch.zeros(ly.layout.num_blocks, dtype=torch.int64, device=device) for ly in players]
-            for e, ly in zip(excl, players):
-                if ly.layout.pad:
-                    e[-1] = ly.layout.pad
-            counts = ok.prune_counts([losses[ly.name] for ly in players], sparsity, exclude=excl, backend=backend)
-        else:
-            counts = [torch.full((ly.layout.num_blocks,), losses[ly.name].shape[1], device=device) for ly in players]
-        times["selection"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        est = 0.0
-        for ly, cnt in zip(players, counts):
-            wb = ly.blocks(ly.weight.detach().flatten().to(fisher_dtype))
-            h = finvs.pop(ly.name).to(device)
-            w2, kp = ok.obs_reconstruct(wb, h, orders[ly.name], cnt, backend=backend)
-            loss = losses[ly.name]
-            idx = (cnt - 1).clamp_min(0).unsqueeze(1)
-            est += float(torch.where(cnt > 0, loss.gather(1, idx).squeeze(1), torch.zeros_like(loss[:, 0])).sum())
-            new_w[ly.name], keep[ly.name] = w2, kp
-        times["reconstruction"] = time.perf_counter() - t0
-    else:
-        wbs = {ly.name: ly.blocks(ly.weight.detach().flatten().float()) for ly in players}
-        pads = {ly.name: ly.pad_mask(device) for ly in players}
-        keys = [scores[ly.name] if method == "woodfisher" else wbs[ly.name].abs() for ly in players]
-        # already-pruned real weights go first; padding stands outside the count
-        keys = [torch.where(wbs[ly.name] == 0, torch.full_like(k, -1.0), k) for ly, k in zip(players, keys)]
-        if nm is not None:
-            prune = [
-                _nm_select(torch.where(pads[ly.name], torch.full_like(k, -2.0), k), *nm) | pads[ly.name]
-                for ly, k in zip(players, keys)
-            ]
-        elif method == "magnitude":
-            prune = [_global_select([k], [~pads[ly.name]], sparsity, backend)[0] | pads[ly.name]
-                     for ly, k in zip(players, keys)]  # fmt: skip
-        else:
-            sel = _global_select(keys, [~pads[ly.name] for ly in players], sparsity, backend)
-            prune = [s | pads[ly.name] for ly, s in zip(players, sel)]
-        times["selection"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if method == "woodfisher":
-            est = 0.0
-        for ly, pm in zip(players, prune):
-            wb = wbs[ly.name]
-            if method == "woodfisher":
-                h = finvs.pop(ly.name).to(device)
-                w2 = ok.obs_update_independent(wb.to(fisher_dtype), h, pm, backend=backend).float()
-                entry = fisher_cache.get(ly.name) if fisher_cache is not None else None
-                if entry is not None and "gram" in entry:  # ½ δᵀFδ from the Gram: B² per block, no factorisation
-                    gram = entry["gram"].to(device)
-                    est += float(
-                        ok.fisher_quadratic(w2 - wb, gram, entry["num_grads"], damp, damp_mode=damp_mode).sum()
-                    )
-                else:
-                    est += _quadratic_loss(w2 - wb, h)
-            else:
-                w2 = wb.masked_fill(pm, 0.0)
-            new_w[ly.name], keep[ly.name] = w2, ~pm
-        times["reconstruction"] = time.perf_counter() - t0
+    selection = stages.select(players, spec, losses=losses, scores=scores)
+    times["selection"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grams = None
+    if method == "woodfisher" and fisher_cache is not None:  # WoodFisher's loss from the cached Gram
+        grams = {ly.name: (fisher_cache[ly.name]["gram"], fisher_cache[ly.name]["num_grads"])
+                 for ly in players if "gram" in fisher_cache.get(ly.name, {})}  # fmt: skip
+    new_w, keep, est = stages.reconstruct(players, spec, selection, finvs=finvs, orders=orders, losses=losses,
+                                          grams=grams)  # fmt: skip
+    times["reconstruction"] = time.perf_counter() - t0
 
     # --- commit: only now is the model changed ----------------------------------------------
     reports = []
@@ -590,19 +494,7 @@ def one_shot_prune(
                 pruned / ly.layout.numel,
             )
         )
-    # all or nothing, even if interrupted (KeyboardInterrupt) half way: written layers are restored
-    written: list[tuple[PrunableLayer, torch.Tensor]] = []
-    with torch.no_grad():
-        try:
-            for ly in players:
-                old = ly.weight.detach().clone()
-                written.append((ly, old))
-                ly.weight.copy_(ly.unblock(new_w[ly.name]).to(ly.weight.dtype))
-                ly.weight.view(-1)[~keep[ly.name].reshape(-1)[: ly.layout.numel]] = 0
-        except BaseException:
-            for ly, old in written:
-                ly.weight.copy_(old)
-            raise
+    stages.commit(players, new_w, keep)  # all or nothing, even if interrupted
     _sync(device)
     times["total"] = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -32,24 +32,54 @@ def _positive_diag(finv: torch.Tensor, whole: bool = True) -> None:
         raise NotPositiveDefiniteError("finv has a non-positive or non-finite diagonal / entries", bad)
 
 
-def obs_scores(w_blocks: torch.Tensor, finv: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+PD_PIECE_BYTES = 64 << 20  # float64 temporaries of the positive-definiteness check
+
+
+def _positive_definite(finv: torch.Tensor) -> None:
+    """Raise unless every block is positive definite: a float64 Cholesky, a range of blocks at
+    a time (B³/3 per block: far more than the ops that call it, hence their ``check_pd``)."""
+    nb, b, _ = finv.shape
+    step = max(1, PD_PIECE_BYTES // (2 * b * b * 8))
+    bad: list[int] = []
+    for s in range(0, nb, step):
+        piece = finv[s : s + step].double()
+        tol = 1e-4 if finv.dtype == torch.float32 else 1e-9
+        sym = (piece - piece.transpose(1, 2)).abs().amax(dim=(1, 2)) <= tol * piece.abs().amax(dim=(1, 2))
+        info = torch.linalg.cholesky_ex(piece).info
+        bad += (s + ((info != 0) | ~sym).nonzero().flatten()).tolist()
+    if bad:
+        raise NotPositiveDefiniteError("finv is not symmetric positive definite", bad, hint=_PIVOT_HINT)
+
+
+def obs_scores(
+    w_blocks: torch.Tensor, finv: torch.Tensor, *, check_pd: bool = True, backend: str | None = None
+) -> torch.Tensor:
     """Saliencies ρ_j = w_j² / (2 [H_b]_jj).
 
     Args:
         w_blocks: (nb, B) weights, any floating dtype.
         finv: (nb, B, B) float32/float64 inverse Fisher blocks, same device.
+        check_pd: refuse blocks that are not symmetric positive definite (a float64 Cholesky of
+            each, B³/3; pass False for inverses known to be, e.g. from :class:`FisherInverse`).
 
     Returns:
         (nb, B) tensor of ``finv.dtype``.
     """
     _, b = _checks.blocks_and_finv(w_blocks, finv)
     _positive_diag(finv, whole=False)  # the saliencies read only the diagonal
+    if check_pd:
+        _positive_definite(finv)
     _, fn = _backend.implementation(_backend.Case("obs_scores", finv.device, finv.dtype, b), backend)
     return fn(w_blocks, finv)
 
 
 def obs_update_independent(
-    w_blocks: torch.Tensor, finv: torch.Tensor, prune_mask: torch.Tensor, *, backend: str | None = None
+    w_blocks: torch.Tensor,
+    finv: torch.Tensor,
+    prune_mask: torch.Tensor,
+    *,
+    check_pd: bool = True,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """WoodFisher/oBERT update: w ← w − H_b (w ⊙ 1_S / diag H_b), then w_S = 0.
 
@@ -57,12 +87,15 @@ def obs_update_independent(
         w_blocks: (nb, B) weights.
         finv: (nb, B, B) float32/float64 inverse Fisher blocks.
         prune_mask: (nb, B) bool, True for the set S to prune.
+        check_pd: as in :func:`obs_scores`.
 
     Returns:
         (nb, B) new weights in ``w_blocks.dtype`` (the input is not modified).
     """
     nb, b = _checks.blocks_and_finv(w_blocks, finv)
     _checks.bool_mask("prune_mask", prune_mask, (nb, b), finv.device)
+    if check_pd:
+        _positive_definite(finv)
     case = _backend.Case("obs_update_independent", finv.device, finv.dtype, b)
     _, fn = _backend.implementation(case, backend)
     if not getattr(fn, "scans_inputs", False):

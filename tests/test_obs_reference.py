@@ -245,3 +245,24 @@ def test_prune_counts_equals_a_stable_sort_with_many_ties(gen):
         want = torch.bincount(owner[torch.sort(flat, stable=True).indices[:k]], minlength=15)
         got = torch.cat(ok.prune_counts(layers, s, backend="reference"))
         assert torch.equal(got, want), s
+
+
+def test_scores_and_independent_update_refuse_an_indefinite_inverse(gen):
+    """A block with a positive diagonal that is not positive definite (or not symmetric) is
+    refused by name; check_pd=False skips the factorisation for inverses known to be fine."""
+    _, h = random_fisher_inverse(3, 6, 12, 0.1, gen)
+    w = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    prune = torch.zeros(3, 6, dtype=torch.bool)
+    prune[:, :2] = True
+    bad = h.clone()
+    bad[2] = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64).kron(torch.eye(3, dtype=torch.float64))
+    for fn in (lambda x: ok.obs_scores(w, x), lambda x: ok.obs_update_independent(w, x, prune)):
+        with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[2\]"):
+            fn(bad)
+        asym = h.clone()
+        asym[0, 0, 1] += 0.5
+        with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[0\]"):
+            fn(asym)
+        fn(h)
+        fn(h.float())
+    ok.obs_scores(w, bad, check_pd=False)  # the caller vouches for it

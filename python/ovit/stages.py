@@ -75,7 +75,8 @@ def score(layers: list[PrunableLayer], finvs: dict[str, torch.Tensor], spec: Ste
     out = {}
     for ly in layers:
         h = finvs[ly.name].to(spec.device)
-        out[ly.name] = ok.obs_scores(weight_blocks(ly, spec.fisher_dtype), h, backend=spec.backend).float()
+        w = weight_blocks(ly, spec.fisher_dtype)  # finvs come from FisherInverse: positive definite
+        out[ly.name] = ok.obs_scores(w, h, check_pd=False, backend=spec.backend).float()
     return out
 
 
@@ -214,7 +215,9 @@ def reconstruct(
         if spec.method == "woodfisher":
             assert finvs is not None
             h = finvs.pop(ly.name).to(dev)
-            w2 = ok.obs_update_independent(wb.to(spec.fisher_dtype), h, pm, backend=spec.backend).float()
+            w2 = ok.obs_update_independent(
+                wb.to(spec.fisher_dtype), h, pm, check_pd=False, backend=spec.backend
+            ).float()
             if grams is not None and ly.name in grams:  # ½ δᵀFδ from the Gram: B² per block, no factorisation
                 gram, m = grams[ly.name]
                 est += float(ok.fisher_quadratic(w2 - wb, gram.to(dev), m, spec.damp, damp_mode=spec.damp_mode).sum())

@@ -1,5 +1,6 @@
 """ovit: Optimal ViT Surgeon pruning (one-shot and gradual) on top of the ``ovit_kernels`` backend."""
 
+from . import distributed, stages
 from .gradual import Pruner, gradual_prune
 from .layers import DEFAULT_PATTERN, Layout, block_layout, select_layers
 from .masks import MaskHolder
@@ -17,6 +18,8 @@ __all__ = [
     "Pruner",
     "SparsitySchedule",
     "block_layout",
+    "distributed",
+    "stages",
     "gradual_prune",
     "one_shot_prune",
     "select_layers",

@@ -1,0 +1,269 @@
+"""One-shot pruning across the ranks of a ``torch.distributed`` job (NCCL on GPUs, gloo on CPU),
+launched as usual (``torchrun``); the process group must be initialised by the caller.
+
+First form: the pruned layers are sharded by whole layers (contiguous ranges of the layer order,
+balanced by Fisher bytes); every rank samples gradients on its share of the data; each chunk of
+gradients of a layer is gathered to the layer's owner (every gradient entry travels once, to
+one rank: N·4 bytes per gradient over the job, no rank ever holds all m gradients), which holds
+only the Fisher inverses of its layers, eliminates their blocks and reconstructs them. The
+global selection is exact across ranks: the per-block cumulative losses (small: N/B·B values)
+are broadcast from their owners and every rank runs the same selection over all layers, so the
+counts, K and the tie-breaking equal a single process's. Before anything is written, the ranks
+agree: if any rank failed after sampling (an exception, a non-positive-definite block), every
+rank raises an error naming that rank and its cause, and no model is changed. A rank that dies
+outright makes the others fail at the process group's timeout (``init_process_group(timeout=...)``),
+their models unchanged. The new weights and masks are broadcast from the owners, so every rank
+ends with the same model (``checksum`` compares them).
+
+Not yet: shards inside a layer (block ranges of one layer on several ranks), a failure during
+sampling reported by name (it stops the collectives: the others time out), the Woodbury method.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import ovit_kernels as ok
+
+from . import stages
+from .layers import PrunableLayer, block_layout, select_layers
+from .pruner import LayerReport, PruneReport, _parse_pattern
+from .sampling import sample_gradients
+
+
+class RankFailure(RuntimeError):
+    """A rank of the job failed during a pruning step; raised on every rank."""
+
+
+def shard_layers(layers: list[PrunableLayer], world: int) -> list[list[PrunableLayer]]:
+    """Contiguous ranges of ``layers`` (in order), one per rank, balanced by Fisher bytes
+    (num_blocks · B²). Ranks may get no layer when there are fewer layers than ranks."""
+    cost = [ly.layout.num_blocks * ly.layout.block_size**2 for ly in layers]
+    total = sum(cost)
+    out: list[list[PrunableLayer]] = [[] for _ in range(world)]
+    acc = 0.0
+    for ly, c in zip(layers, cost):
+        r = min(world - 1, int(world * (acc + c / 2) / max(1, total)))
+        out[r].append(ly)
+        acc += c
+    return out
+
+
+class _ToOwner:
+    """Stands in for a layer's FisherInverse on every rank: each chunk of gradients is gathered
+    to the layer's owner, whose accumulator takes the chunks of all ranks in rank order."""
+
+    def __init__(self, owner: int, acc: ok.FisherInverse | None, group) -> None:
+        self.owner, self.acc, self.group = owner, acc, group
+
+    def update(self, chunk: torch.Tensor) -> None:
+        rank = dist.get_rank(self.group)
+        chunk = chunk.contiguous()
+        dst = _global(self.group, self.owner)
+        if rank == self.owner:
+            got = [torch.empty_like(chunk) for _ in range(dist.get_world_size(self.group))]
+            dist.gather(chunk, got, dst=dst, group=self.group)
+            assert self.acc is not None
+            self.acc.update(torch.cat(got))
+        else:
+            dist.gather(chunk, None, dst=dst, group=self.group)
+
+
+def _my_share(data: Iterable, rank: int, world: int) -> Iterator:
+    """Every world-th batch, starting at ``rank`` (a DistributedSampler-style split of batches)."""
+    while True:
+        got = False
+        for i, item in enumerate(data):
+            if i % world == rank:
+                got = True
+                yield item
+        if not got or iter(data) is data:
+            return
+
+
+def _agree(error: BaseException | None, group, what: str) -> None:
+    """Every rank learns whether any rank failed; all raise the first failure, naming its rank."""
+    world = dist.get_world_size(group)
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
+    if failed:
+        r, e = failed[0]
+        raise RankFailure(f"rank {r} failed during {what}: {e}; no rank's model was changed") from error
+
+
+def checksum(model: nn.Module, group=None) -> bool:
+    """True when every rank holds exactly the same parameters (a float64 sum and a weighted sum
+    of each parameter, compared across ranks)."""
+    parts = []
+    for i, p in enumerate(model.parameters()):
+        v = p.detach().double().flatten()
+        parts += [v.sum(), (v * torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)).sum() + i]
+    mine = torch.stack(parts).cpu()
+    world = dist.get_world_size(group)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)
+    return all(torch.equal(everyone[0], e) for e in everyone[1:])
+
+
+def distributed_prune(
+    model: nn.Module,
+    data: Iterable,
+    sparsity: float | None = None,
+    *,
+    method: str = "ovit",
+    block_size: int = 192,
+    num_grads: int = 4096,
+    damp: float = 1e-8,
+    damp_mode: str = "absolute",
+    grad_batch_size: int | None = None,
+    pattern: str = "unstructured",
+    layers: str | Iterable[nn.Module | str] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    fisher_dtype: torch.dtype = torch.float32,
+    grad_chunk: int = 16,
+    backend: str | None = None,
+    group=None,
+    debug: bool = False,
+    progress: bool = False,
+) -> PruneReport:
+    """One-shot oViT or WoodFisher on every rank of ``group`` (module docstring), same
+    arguments as :func:`ovit.one_shot_prune` where they exist.
+
+    Every rank passes the same model (same weights) and the same ``data`` (an iterable of
+    batches); rank r uses batches r, r + W, r + 2W, …; ``num_grads`` is the total over ranks and
+    must be a multiple of W (each rank takes ``num_grads / W``). Returns the same report on every
+    rank; with ``debug``, checks that all ranks end with identical weights.
+    """
+    t_start = time.perf_counter()
+    if method not in ("ovit", "woodfisher"):
+        raise ValueError(f"distributed pruning runs 'ovit' or 'woodfisher', got {method!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: call init_process_group first (e.g. under torchrun)")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    nm = _parse_pattern(pattern)
+    if nm is not None:
+        sparsity = 1 - nm[0] / nm[1]
+    if sparsity is None or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
+    if int(num_grads) != num_grads or num_grads < world or num_grads % world:
+        raise ValueError(f"num_grads must be a positive multiple of the {world} ranks, got {num_grads!r}")
+    loss_fn = loss_fn or F.cross_entropy
+    device = next(model.parameters()).device
+    chosen = select_layers(model, layers)
+    players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size, nm[1] if nm else 1)) for n, m in chosen]
+    shards = shard_layers(players, world)
+    owner = {ly.name: r for r, sh in enumerate(shards) for ly in sh}
+    mine = shards[rank]
+    spec = stages.StepSpec(method, float(sparsity), nm, fisher_dtype, float(damp), damp_mode, backend, device)
+    times: dict[str, float] = {}
+
+    # --- sampling: my share of the data, each chunk gathered to the layer's owner -------------
+    t0 = time.perf_counter()
+    accs = {ly.name: ok.FisherInverse(ly.layout.num_blocks * ly.layout.block_size, ly.layout.block_size, damp,
+                                      damp_mode=damp_mode, method="gram", dtype=fisher_dtype, device=device,
+                                      backend=backend, name=ly.name) for ly in mine}  # fmt: skip
+    sinks = {ly.name: _ToOwner(owner[ly.name], accs.get(ly.name), group) for ly in players}
+    share = _my_share(data, rank, world)
+    stats = sample_gradients(model, share, players, sinks, num_grads // world, loss_fn=loss_fn, device=device,
+                             grad_batch_size=grad_batch_size, chunk=grad_chunk, progress=progress)  # fmt: skip
+    if stats.gradients != num_grads // world:
+        raise RuntimeError(
+            f"rank {rank}: its share of the data gave {stats.gradients} of {num_grads // world} gradients"
+        )
+    times["sampling"] = time.perf_counter() - t0
+
+    # --- on the owner: inverses, elimination or scores ------------------------------------------
+    t0 = time.perf_counter()
+    error: BaseException | None = None
+    finvs: dict[str, torch.Tensor] = {}
+    orders: dict[str, torch.Tensor] = {}
+    losses: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {}
+    try:
+        for ly in mine:
+            finvs[ly.name] = accs.pop(ly.name).compute()
+        if method == "ovit":
+            orders, losses = stages.eliminate(mine, finvs, spec)
+        else:
+            scores = stages.score(mine, finvs, spec)
+    except Exception as e:  # every rank must hear of it before anyone goes on
+        error = e
+    _agree(error, group, "the Fisher inverses and the elimination")
+    times["fisher_and_elimination"] = time.perf_counter() - t0
+
+    # --- exact global selection: every rank gets every layer's losses (or scores) ---------------
+    t0 = time.perf_counter()
+    src = losses if method == "ovit" else scores
+    full: dict[str, torch.Tensor] = {}
+    for ly in players:
+        steps = (ly.layout.block_size * (nm[1] - nm[0]) // nm[1]) if nm and method == "ovit" else ly.layout.block_size
+        dt = fisher_dtype if method == "ovit" else torch.float32
+        t = (
+            src[ly.name]
+            if owner[ly.name] == rank
+            else torch.empty(ly.layout.num_blocks, steps, dtype=dt, device=device)
+        )
+        dist.broadcast(t, src=_global(group, owner[ly.name]), group=group)
+        full[ly.name] = t
+    selection = stages.select(players, spec, losses=full if method == "ovit" else None,
+                              scores=full if method == "woodfisher" else None)  # fmt: skip
+    times["selection"] = time.perf_counter() - t0
+
+    # --- reconstruction on the owner, agreement, then everyone gets every layer ----------------
+    t0 = time.perf_counter()
+    error = None
+    new_w: dict[str, torch.Tensor] = {}
+    keep: dict[str, torch.Tensor] = {}
+    est_local = 0.0
+    try:
+        new_w, keep, est = stages.reconstruct(mine, spec, selection, finvs=finvs, orders=orders, losses=losses)
+        est_local = float(est or 0.0)
+    except Exception as e:
+        error = e
+    _agree(error, group, "the reconstruction")
+    for ly in players:
+        nb, b = ly.layout.num_blocks, ly.layout.block_size
+        w = new_w[ly.name].to(torch.float32) if owner[ly.name] == rank else torch.empty(nb, b, device=device)
+        k = keep[ly.name].to(torch.uint8) if owner[ly.name] == rank else torch.empty(nb, b, dtype=torch.uint8,
+                                                                                     device=device)  # fmt: skip
+        dist.broadcast(w, src=_global(group, owner[ly.name]), group=group)
+        dist.broadcast(k, src=_global(group, owner[ly.name]), group=group)
+        new_w[ly.name], keep[ly.name] = w, k.bool()
+    est_t = torch.tensor([est_local], dtype=torch.float64, device=device)
+    dist.all_reduce(est_t, group=group)
+    times["reconstruction"] = time.perf_counter() - t0
+    stages.commit(players, new_w, keep)
+    if debug and not checksum(model, group):
+        raise RankFailure("the ranks ended with different weights")
+    reports = []
+    for ly in players:
+        pruned = int((~keep[ly.name].reshape(-1)[: ly.layout.numel]).sum())
+        reports.append(LayerReport(ly.name, ly.layout.numel, ly.layout.block_size, ly.layout.num_blocks, ly.layout.pad,
+                                   pruned, pruned / ly.layout.numel))  # fmt: skip
+    times["total"] = time.perf_counter() - t_start
+    return PruneReport(
+        method=method,
+        sparsity=float(sparsity),
+        pattern=pattern,
+        total_params=sum(r.numel for r in reports),
+        total_pruned=sum(r.pruned for r in reports),
+        est_loss_increase=float(est_t.item()),
+        num_grads=int(num_grads),
+        passes=1,
+        layers=reports,
+        times=times,
+        notes=[f"{world} ranks; layers per rank {[len(s) for s in shards]}"],
+        samples=stats.samples * world,
+    )
+
+
+def _global(group, r: int) -> int:
+    return r if group is None else dist.get_global_rank(group, r)

@@ -1,0 +1,90 @@
+"""Pruning across the ranks of a torch.distributed job (gloo on loopback, 2 processes): the same
+model on every rank, equal to a single process's; a failing rank makes every rank raise,
+naming it, with no model changed."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ovit
+from ovit.models import TinyViT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_of(n=16, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(n)]  # fmt: skip
+
+
+KW = dict(block_size=16, num_grads=12, damp=1e-2, damp_mode="relative", fisher_dtype=torch.float64, grad_chunk=4)
+
+
+def _worker(rank, world, port, method, fail_rank, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TinyViT(dim=32, depth=1, heads=2)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        if fail_rank == rank:
+            from ovit import stages
+
+            def broken(*a, **k):
+                raise ovit_kernels_error("block 3 is not positive definite")
+
+            stages.eliminate = broken
+        try:
+            rep = ovit.distributed.distributed_prune(model, data_of(), 0.6, method=method, debug=True, **KW)
+            torch.save({"state": model.state_dict(), "pruned": rep.total_pruned, "est": rep.est_loss_increase},
+                       os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+        except ovit.distributed.RankFailure as e:
+            same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+            torch.save({"error": str(e), "unchanged": same}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def ovit_kernels_error(msg):
+    import ovit_kernels as ok
+
+    return ok.NotPositiveDefiniteError(msg, [3])
+
+
+def run(method, fail_rank, tmp_path, world=2):
+    mp.spawn(_worker, args=(world, free_port(), method, fail_rank, str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("method", ["ovit", "woodfisher"])
+def test_two_ranks_equal_one_process(method, tmp_path):
+    outs = run(method, None, tmp_path)
+    torch.manual_seed(0)
+    ref = TinyViT(dim=32, depth=1, heads=2)
+    # one process on the same 12 gradients: rank r took batches r, r + 2, …
+    data = data_of()
+    order = [data[i] for i in range(12)]
+    kw = {k: v for k, v in KW.items() if k != "grad_chunk"}
+    rep = ovit.one_shot_prune(ref, order, 0.6, method=method, progress=False, **kw)
+    for o in outs:
+        assert o["pruned"] == rep.total_pruned
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(o["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+            assert torch.equal(o["state"][k] == 0, outs[0]["state"][k] == 0)
+    assert outs[0]["est"] == pytest.approx(rep.est_loss_increase, rel=1e-6)
+
+
+def test_a_failing_rank_fails_every_rank_and_changes_nothing(tmp_path):
+    outs = run("ovit", 1, tmp_path)
+    for o in outs:
+        assert "rank 1 failed" in o["error"] and "not positive definite" in o["error"] and o["unchanged"]

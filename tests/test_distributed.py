@@ -88,3 +88,27 @@ def test_a_failing_rank_fails_every_rank_and_changes_nothing(tmp_path):
     outs = run("ovit", 1, tmp_path)
     for o in outs:
         assert "rank 1 failed" in o["error"] and "not positive definite" in o["error"] and o["unchanged"]
+
+
+def test_plan_a_job_on_the_meta_device(capsys, tmp_path):
+    pytest.importorskip("timm")
+    import json
+
+    import timm
+
+    from ovit.cli import main
+    from ovit.distributed import plan_job
+
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    p = plan_job(model, gpus=3, gpu_memory=2e9, block_size=64, num_grads=256)
+    assert sum(r["weights"] for r in p["ranks"]) == p["pruned_weights"] == sum(
+        m.weight.numel() for n, m in ovit.select_layers(model))  # fmt: skip
+    assert p["bytes_per_gradient"] == 4 * p["pruned_weights"] and all(r["passes"] >= 1 for r in p["ranks"])
+    sizes = [r["weights"] for r in p["ranks"]]
+    assert max(sizes) < 1.5 * min(sizes)  # balanced
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "deit_tiny_patch16_224", "--gpus", "2", "--gpu-memory", "4GB", "--block-size",
+                 "64", "--json", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "exchanged per gradient" in text and "estimate:" in text and json.loads(out.read_text())["gpus"] == 2

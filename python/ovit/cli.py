@@ -187,6 +187,52 @@ def _gradual(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_bytes(text: str) -> float:
+    """'80GB', '80GiB', '80e9' → bytes."""
+    t = text.strip().upper()
+    for suffix, mult in (("GIB", 2**30), ("GB", 1e9), ("MIB", 2**20), ("MB", 1e6), ("TB", 1e12)):
+        if t.endswith(suffix):
+            return float(t[: -len(suffix)]) * mult
+    return float(t)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import timm
+
+    from .distributed import plan_job
+
+    if not timm.is_model(args.model):
+        raise ValueError(f"unknown model {args.model!r}: not a timm model name")
+    with torch.device("meta"):  # no weights are allocated
+        model = timm.create_model(args.model, pretrained=False)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    tokens = getattr(getattr(model, "patch_embed", None), "num_patches", 196) + 1
+    p = plan_job(model, gpus=args.gpus, gpu_memory=_parse_bytes(args.gpu_memory), block_size=args.block_size,
+                 num_grads=args.num_grads, grad_batch_size=args.grad_batch_size, fisher_dtype=dtype,
+                 tokens=tokens)  # fmt: skip
+    gib = 2.0**30
+    print(f"{args.model}: {p['params'] / 1e6:.0f}M parameters, {p['layers']} pruned layers "
+          f"({p['pruned_weights'] / 1e6:.0f}M weights), B = {args.block_size}, m = {args.num_grads}, "
+          f"{args.gpus} GPUs, budget {p['budget_bytes'] / gib:.1f} GiB each")  # fmt: skip
+    print(f"{'rank':>4} {'layers':>6} {'weights':>10} {'Gram state':>11} {'passes':>6} {'planned peak':>12}")
+    for r in p["ranks"]:
+        print(f"{r['rank']:>4} {r['layers']:>6} {r['weights'] / 1e6:>9.1f}M {r['state_bytes'] / gib:>8.1f} GiB "
+              f"{r['passes']:>6} {r['peak_bytes'] / gib:>8.1f} GiB")  # fmt: skip
+    print(
+        f"exchanged per gradient: {p['bytes_per_gradient'] / 1e9:.2f} GB over the job (every entry once, to its owner)"
+    )
+    print("estimate: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in p["estimate"].items()))
+    print(f"assumptions: {p['assumptions']}")
+    most = max(r["passes"] for r in p["ranks"])
+    if most > 1:
+        print(f"note: {most} passes per rank; ovit.distributed runs one pass per rank today, so this job needs more "
+              "GPUs, a smaller block size or num_grads, or one_shot_prune's layer groups on one GPU")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(p, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ovit", description="Optimal ViT Surgeon: one-shot second-order pruning")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -254,6 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--workers", type=int, default=4)
     gr.add_argument("--out", required=True, help="run folder: log.json, sparsity=<s>/best.pt, last.pt (resumed)")
     gr.set_defaults(func=_gradual)
+    pl = sub.add_parser("plan", help="plan a distributed one-shot run (memory per rank, passes, traffic, time)")
+    pl.add_argument("--model", required=True, help="timm model name (built on the meta device: no weights)")
+    pl.add_argument("--block-size", type=int, default=192)
+    pl.add_argument("--num-grads", type=int, default=4096)
+    pl.add_argument("--grad-batch-size", type=int, default=128)
+    pl.add_argument("--gpus", type=int, default=1)
+    pl.add_argument("--gpu-memory", default="80GB", help="memory of each GPU, e.g. 80GB or 141GB")
+    pl.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="of the inverses")
+    pl.add_argument("--json", help="also write the plan as JSON here")
+    pl.set_defaults(func=_plan)
     args = ap.parse_args(argv)
     if args.cmd == "prune":
         if args.sparsity is not None and not 0 <= args.sparsity < 1:

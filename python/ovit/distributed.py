@@ -267,3 +267,74 @@ def distributed_prune(
 
 def _global(group, r: int) -> int:
     return r if group is None else dist.get_global_rank(group, r)
+
+
+# --- planning a job before running it -----------------------------------------------------------------
+
+# rates of SPEC §5 (H200, torch 2.11): fp64 tensor-core GEMM, fp32 GEMM; and assumptions, stated
+FP64_FLOPS = 63e12
+FP32_FLOPS = 51e12
+TRAIN_FLOPS = 400e12  # effective bf16 rate of a ViT forward + backward (an assumption, not measured)
+
+
+def plan_job(
+    model: nn.Module,
+    *,
+    gpus: int,
+    gpu_memory: float,
+    block_size: int = 192,
+    num_grads: int = 4096,
+    grad_batch_size: int = 128,
+    tokens: int = 197,
+    fisher_dtype: torch.dtype = torch.float32,
+    layers: str | Iterable[nn.Module | str] | None = None,
+    memory_fraction: float = 0.7,
+    chunk: int = 64,
+    link_bytes_per_s: float = 100e9,
+) -> dict:
+    """The plan of a distributed one-shot run, without running it (``model`` may live on the
+    meta device): the layers per rank (sharded as :func:`distributed_prune` shards them), each
+    rank's Fisher memory and passes over the data (the single-GPU planner, ``plan_memory``, per
+    rank with ``memory_fraction`` of ``gpu_memory``), the bytes exchanged per gradient, and an
+    estimate of each phase from the rates of SPEC §5 (stated in the result)."""
+    from .pruner import plan_memory
+
+    chosen = select_layers(model, layers)
+    players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size)) for n, m in chosen]
+    shards = shard_layers(players, gpus)
+    budget = int(memory_fraction * gpu_memory)
+    params = sum(p.numel() for p in model.parameters())
+    n_total = sum(ly.layout.numel for ly in players)
+    ranks = []
+    for r, sh in enumerate(shards):
+        if not sh:
+            ranks.append({"rank": r, "layers": 0, "weights": 0, "passes": 0, "state_bytes": 0, "peak_bytes": 0})
+            continue
+        plan = plan_memory(sh, budget, torch.device("cuda"), "gram", fisher_dtype, chunk)
+        n_r = sum(ly.layout.num_blocks * ly.layout.block_size for ly in sh)
+        ranks.append({"rank": r, "layers": len(sh), "weights": n_r, "passes": len(plan.groups),
+                      "state_bytes": 8 * n_r * block_size, "peak_bytes": plan.peak})  # fmt: skip
+    worst = max(ranks, key=lambda x: x["weights"])
+    n_r, passes = worst["weights"], max(1, max(x["passes"] for x in ranks))
+    images = num_grads * grad_batch_size
+    est = {
+        "sampling_s": passes * 6 * params * tokens * images / gpus / TRAIN_FLOPS,
+        "exchange_s": passes * 4 * n_total * num_grads * (gpus - 1) / gpus / gpus / link_bytes_per_s,
+        "gram_s": n_r * block_size * num_grads / FP64_FLOPS,
+        "inverse_s": 2 * n_r * block_size**2 / FP64_FLOPS,
+        "elimination_s": 2 * n_r * block_size**2 / FP32_FLOPS,
+        "selection_and_reconstruction_s": 2 * n_r * block_size**2 / 3 / FP32_FLOPS,
+    }
+    return {
+        "params": params,
+        "pruned_weights": n_total,
+        "layers": len(players),
+        "gpus": gpus,
+        "budget_bytes": budget,
+        "ranks": ranks,
+        "bytes_per_gradient": 4 * n_total,
+        "estimate": est,
+        "assumptions": (f"fp64 GEMM {FP64_FLOPS / 1e12:.0f} TFLOP/s and fp32 {FP32_FLOPS / 1e12:.0f} (SPEC §5, H200); "
+                        f"forward+backward at {TRAIN_FLOPS / 1e12:.0f} TFLOP/s effective (6·params·tokens per image, "
+                        f"{tokens} tokens); links at {link_bytes_per_s / 1e9:.0f} GB/s; data split over the ranks"),
+    }  # fmt: skip

@@ -29,7 +29,7 @@ def data_of(n=16, batch=4, seed=0):
 KW = dict(block_size=16, num_grads=12, damp=1e-2, damp_mode="relative", fisher_dtype=torch.float64, grad_chunk=4)
 
 
-def _worker(rank, world, port, method, fail_rank, out):
+def _worker(rank, world, port, method, fail_rank, where, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -37,13 +37,23 @@ def _worker(rank, world, port, method, fail_rank, out):
         torch.manual_seed(0)
         model = TinyViT(dim=32, depth=1, heads=2)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        if fail_rank == rank:
+        if fail_rank == rank and where == "elimination":
             from ovit import stages
 
             def broken(*a, **k):
                 raise ovit_kernels_error("block 3 is not positive definite")
 
             stages.eliminate = broken
+        if fail_rank == rank and where == "sampling":
+            real, calls = model.forward, []
+
+            def flaky(x):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise RuntimeError("out of memory in the forward pass")
+                return real(x)
+
+            model.forward = flaky
         try:
             rep = ovit.distributed.distributed_prune(model, data_of(), 0.6, method=method, debug=True, **KW)
             torch.save({"state": model.state_dict(), "pruned": rep.total_pruned, "est": rep.est_loss_increase},
@@ -61,8 +71,8 @@ def ovit_kernels_error(msg):
     return ok.NotPositiveDefiniteError(msg, [3])
 
 
-def run(method, fail_rank, tmp_path, world=2):
-    mp.spawn(_worker, args=(world, free_port(), method, fail_rank, str(tmp_path)), nprocs=world, join=True)
+def run(method, fail_rank, tmp_path, world=2, where="elimination"):
+    mp.spawn(_worker, args=(world, free_port(), method, fail_rank, where, str(tmp_path)), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -88,6 +98,13 @@ def test_a_failing_rank_fails_every_rank_and_changes_nothing(tmp_path):
     outs = run("ovit", 1, tmp_path)
     for o in outs:
         assert "rank 1 failed" in o["error"] and "not positive definite" in o["error"] and o["unchanged"]
+
+
+def test_a_rank_failing_while_sampling_is_named_by_every_rank(tmp_path):
+    outs = run("ovit", 0, tmp_path, where="sampling")
+    for o in outs:
+        assert "rank 0 failed during the gradient sampling" in o["error"] and "out of memory" in o["error"]
+        assert o["unchanged"]
 
 
 def test_plan_a_job_on_the_meta_device(capsys, tmp_path):

@@ -9,14 +9,15 @@ only the Fisher inverses of its layers, eliminates their blocks and reconstructs
 global selection is exact across ranks: the per-block cumulative losses (small: N/B·B values)
 are broadcast from their owners and every rank runs the same selection over all layers, so the
 counts, K and the tie-breaking equal a single process's. Before anything is written, the ranks
-agree: if any rank failed after sampling (an exception, a non-positive-definite block), every
-rank raises an error naming that rank and its cause, and no model is changed. A rank that dies
-outright makes the others fail at the process group's timeout (``init_process_group(timeout=...)``),
-their models unchanged. The new weights and masks are broadcast from the owners, so every rank
-ends with the same model (``checksum`` compares them).
+agree: if any rank fails (an exception while sampling — heard before every exchange —, a
+non-positive-definite block, too little data), every rank raises an error naming that rank and
+its cause, and no model is changed. A rank that dies outright makes the others fail at the
+process group's timeout (``init_process_group(timeout=...)``), their models unchanged. The new
+weights and masks are broadcast from the owners, so every rank ends with the same model
+(``checksum`` compares them).
 
-Not yet: shards inside a layer (block ranges of one layer on several ranks), a failure during
-sampling reported by name (it stops the collectives: the others time out), the Woodbury method.
+Not yet: shards inside a layer (block ranges of one layer on several ranks), several passes
+per rank (layer groups), the Woodbury method.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class _ToOwner:
         self.owner, self.acc, self.group = owner, acc, group
 
     def update(self, chunk: torch.Tensor) -> None:
+        _agree(None, self.group, "the gradient sampling")  # a rank that failed meanwhile is heard here
         rank = dist.get_rank(self.group)
         chunk = chunk.contiguous()
         dst = _global(self.group, self.owner)
@@ -172,12 +174,17 @@ def distributed_prune(
                                       backend=backend, name=ly.name) for ly in mine}  # fmt: skip
     sinks = {ly.name: _ToOwner(owner[ly.name], accs.get(ly.name), group) for ly in players}
     share = _my_share(data, rank, world)
-    stats = sample_gradients(model, share, players, sinks, num_grads // world, loss_fn=loss_fn, device=device,
-                             grad_batch_size=grad_batch_size, chunk=grad_chunk, progress=progress)  # fmt: skip
-    if stats.gradients != num_grads // world:
-        raise RuntimeError(
-            f"rank {rank}: its share of the data gave {stats.gradients} of {num_grads // world} gradients"
-        )
+    error = None
+    try:
+        stats = sample_gradients(model, share, players, sinks, num_grads // world, loss_fn=loss_fn, device=device,
+                                 grad_batch_size=grad_batch_size, chunk=grad_chunk, progress=progress)  # fmt: skip
+        if stats.gradients != num_grads // world:
+            raise ValueError(f"its share of the data gave {stats.gradients} of {num_grads // world} gradients")
+    except RankFailure:
+        raise
+    except Exception as e:  # the others are waiting in the next exchange's agreement: tell them
+        error = e
+    _agree(error, group, "the gradient sampling")
     times["sampling"] = time.perf_counter() - t0
 
     # --- on the owner: inverses, elimination or scores ------------------------------------------

@@ -29,7 +29,7 @@ def data_of(n=16, batch=4, seed=0):
 KW = dict(block_size=16, num_grads=12, damp=1e-2, damp_mode="relative", fisher_dtype=torch.float64, grad_chunk=4)
 
 
-def _worker(rank, world, port, method, fail_rank, where, out):
+def _worker(rank, world, port, method, fail_rank, where, budget, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -55,9 +55,10 @@ def _worker(rank, world, port, method, fail_rank, where, out):
 
             model.forward = flaky
         try:
-            rep = ovit.distributed.distributed_prune(model, data_of(), 0.6, method=method, debug=True, **KW)
-            torch.save({"state": model.state_dict(), "pruned": rep.total_pruned, "est": rep.est_loss_increase},
-                       os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+            rep = ovit.distributed.distributed_prune(model, data_of(), 0.6, method=method, debug=True,
+                                                     memory_budget=budget, **KW)  # fmt: skip
+            torch.save({"state": model.state_dict(), "pruned": rep.total_pruned, "est": rep.est_loss_increase,
+                        "passes": rep.passes}, os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
         except ovit.distributed.RankFailure as e:
             same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
             torch.save({"error": str(e), "unchanged": same}, os.path.join(out, f"rank{rank}.pt"))
@@ -71,14 +72,18 @@ def ovit_kernels_error(msg):
     return ok.NotPositiveDefiniteError(msg, [3])
 
 
-def run(method, fail_rank, tmp_path, world=2, where="elimination"):
-    mp.spawn(_worker, args=(world, free_port(), method, fail_rank, where, str(tmp_path)), nprocs=world, join=True)
+def run(method, fail_rank, tmp_path, world=2, where="elimination", budget=None):
+    args = (world, free_port(), method, fail_rank, where, budget, str(tmp_path))
+    mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.mark.parametrize("method", ["ovit", "woodfisher"])
-def test_two_ranks_equal_one_process(method, tmp_path):
-    outs = run(method, None, tmp_path)
+@pytest.mark.parametrize("method,budget", [("ovit", None), ("woodfisher", None), ("ovit", 3_500_000)])
+def test_two_ranks_equal_one_process(method, budget, tmp_path):
+    """Also with a memory budget that makes each rank take several passes (layer groups)."""
+    outs = run(method, None, tmp_path, budget=budget)
+    if budget is not None:
+        assert all(o["passes"] > 1 for o in outs)
     torch.manual_seed(0)
     ref = TinyViT(dim=32, depth=1, heads=2)
     # one process on the same 12 gradients: rank r took batches r, r + 2, …

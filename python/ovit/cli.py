@@ -225,8 +225,8 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"assumptions: {p['assumptions']}")
     most = max(r["passes"] for r in p["ranks"])
     if most > 1:
-        print(f"note: {most} passes per rank; ovit.distributed runs one pass per rank today, so this job needs more "
-              "GPUs, a smaller block size or num_grads, or one_shot_prune's layer groups on one GPU")  # fmt: skip
+        print(f"note: up to {most} passes over the data per rank (layer groups): sampling repeats that many times; "
+              "more GPUs or a smaller block size avoid it")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(p, f, indent=1)

@@ -16,8 +16,8 @@ process group's timeout (``init_process_group(timeout=...)``), their models unch
 weights and masks are broadcast from the owners, so every rank ends with the same model
 (``checksum`` compares them).
 
-Not yet: shards inside a layer (block ranges of one layer on several ranks), several passes
-per rank (layer groups), the Woodbury method.
+Not yet: shards inside a layer (block ranges of one layer on several ranks), the Woodbury
+method.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import ovit_kernels as ok
 
 from . import stages
 from .layers import PrunableLayer, block_layout, select_layers
-from .pruner import LayerReport, PruneReport, _parse_pattern
+from .pruner import LayerReport, PruneReport, _memory_budget, _parse_pattern, plan_memory
 from .sampling import sample_gradients
 
 
@@ -131,6 +131,7 @@ def distributed_prune(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     fisher_dtype: torch.dtype = torch.float32,
     grad_chunk: int = 16,
+    memory_budget: int | None = None,
     backend: str | None = None,
     group=None,
     debug: bool = False,
@@ -141,8 +142,11 @@ def distributed_prune(
 
     Every rank passes the same model (same weights) and the same ``data`` (an iterable of
     batches); rank r uses batches r, r + W, r + 2W, …; ``num_grads`` is the total over ranks and
-    must be a multiple of W (each rank takes ``num_grads / W``). Returns the same report on every
-    rank; with ``debug``, checks that all ranks end with identical weights.
+    must be a multiple of W (each rank takes ``num_grads / W``). ``memory_budget``: bytes per rank
+    for the Fisher work (default as :func:`ovit.one_shot_prune`'s; the smallest over the ranks is
+    used); a rank whose layers do not fit takes several passes over the data (layer groups, the
+    single-GPU planner), and the others pass with it. Returns the same report on every rank; with
+    ``debug``, checks that all ranks end with identical weights.
     """
     t_start = time.perf_counter()
     if method not in ("ovit", "woodfisher"):
@@ -163,48 +167,64 @@ def distributed_prune(
     players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size, nm[1] if nm else 1)) for n, m in chosen]
     shards = shard_layers(players, world)
     owner = {ly.name: r for r, sh in enumerate(shards) for ly in sh}
-    mine = shards[rank]
     spec = stages.StepSpec(method, float(sparsity), nm, fisher_dtype, float(damp), damp_mode, backend, device)
     times: dict[str, float] = {}
 
-    # --- sampling: my share of the data, each chunk gathered to the layer's owner -------------
-    t0 = time.perf_counter()
-    accs = {ly.name: ok.FisherInverse(ly.layout.num_blocks * ly.layout.block_size, ly.layout.block_size, damp,
-                                      damp_mode=damp_mode, method="gram", dtype=fisher_dtype, device=device,
-                                      backend=backend, name=ly.name) for ly in mine}  # fmt: skip
-    sinks = {ly.name: _ToOwner(owner[ly.name], accs.get(ly.name), group) for ly in players}
-    share = _my_share(data, rank, world)
-    error = None
-    try:
-        stats = sample_gradients(model, share, players, sinks, num_grads // world, loss_fn=loss_fn, device=device,
-                                 grad_batch_size=grad_batch_size, chunk=grad_chunk, progress=progress)  # fmt: skip
-        if stats.gradients != num_grads // world:
-            raise ValueError(f"its share of the data gave {stats.gradients} of {num_grads // world} gradients")
-    except RankFailure:
-        raise
-    except Exception as e:  # the others are waiting in the next exchange's agreement: tell them
-        error = e
-    _agree(error, group, "the gradient sampling")
-    times["sampling"] = time.perf_counter() - t0
-
-    # --- on the owner: inverses, elimination or scores ------------------------------------------
-    t0 = time.perf_counter()
-    error: BaseException | None = None
+    # --- memory: every rank's layers planned by the single-GPU planner, under the smallest budget ----
+    lim = torch.tensor([float(_memory_budget(device, memory_budget))], dtype=torch.float64, device=device)
+    dist.all_reduce(lim, op=dist.ReduceOp.MIN, group=group)
+    budget = int(lim.item())
+    plans = [plan_memory(sh, budget, device, "gram", fisher_dtype, grad_chunk) if sh else None for sh in shards]
+    passes = max(len(pl.groups) for pl in plans if pl is not None)
+    in_pass = [{ly.name for pl in plans if pl is not None and p < len(pl.groups) for ly in pl.groups[p]}
+               for p in range(passes)]  # fmt: skip
+    store = plans[rank].store if plans[rank] is not None else device
     finvs: dict[str, torch.Tensor] = {}
     orders: dict[str, torch.Tensor] = {}
     losses: dict[str, torch.Tensor] = {}
     scores: dict[str, torch.Tensor] = {}
-    try:
-        for ly in mine:
-            finvs[ly.name] = accs.pop(ly.name).compute()
-        if method == "ovit":
-            orders, losses = stages.eliminate(mine, finvs, spec)
-        else:
-            scores = stages.score(mine, finvs, spec)
-    except Exception as e:  # every rank must hear of it before anyone goes on
-        error = e
-    _agree(error, group, "the Fisher inverses and the elimination")
-    times["fisher_and_elimination"] = time.perf_counter() - t0
+    samples = 0
+    for p in range(passes):
+        # sampling: my share of the data, each chunk of a layer of this pass gathered to its owner
+        t0 = time.perf_counter()
+        layers_p = [ly for ly in players if ly.name in in_pass[p]]
+        mine_p = [ly for ly in layers_p if owner[ly.name] == rank]
+        accs = {ly.name: ok.FisherInverse(ly.layout.num_blocks * ly.layout.block_size, ly.layout.block_size, damp,
+                                          damp_mode=damp_mode, method="gram", dtype=fisher_dtype, device=device,
+                                          backend=backend, name=ly.name) for ly in mine_p}  # fmt: skip
+        sinks = {ly.name: _ToOwner(owner[ly.name], accs.get(ly.name), group) for ly in layers_p}
+        error: BaseException | None = None
+        try:
+            stats = sample_gradients(model, _my_share(data, rank, world), layers_p, sinks, num_grads // world,
+                                     loss_fn=loss_fn, device=device, grad_batch_size=grad_batch_size,
+                                     chunk=grad_chunk, progress=progress)  # fmt: skip
+            if stats.gradients != num_grads // world:
+                raise ValueError(f"its share of the data gave {stats.gradients} of {num_grads // world} gradients")
+            samples = max(samples, stats.samples)
+        except RankFailure:
+            raise
+        except Exception as e:  # the others are waiting in the next exchange's agreement: tell them
+            error = e
+        _agree(error, group, "the gradient sampling")
+        times["sampling"] = times.get("sampling", 0.0) + time.perf_counter() - t0
+        # on the owner: inverses, elimination or scores
+        t0 = time.perf_counter()
+        error = None
+        try:
+            for ly in mine_p:
+                finvs[ly.name] = accs.pop(ly.name).compute()
+            if method == "ovit":
+                o, ls = stages.eliminate(mine_p, finvs, spec)
+                orders.update(o)
+                losses.update(ls)
+            else:
+                scores.update(stages.score(mine_p, finvs, spec))
+            for ly in mine_p:  # waits for the reconstruction where the plan says (the CPU when passes > 1)
+                finvs[ly.name] = finvs[ly.name].to(store)
+        except Exception as e:  # every rank must hear of it before anyone goes on
+            error = e
+        _agree(error, group, "the Fisher inverses and the elimination")
+        times["fisher_and_elimination"] = times.get("fisher_and_elimination", 0.0) + time.perf_counter() - t0
 
     # --- exact global selection: every rank gets every layer's losses (or scores) ---------------
     t0 = time.perf_counter()
@@ -231,7 +251,7 @@ def distributed_prune(
     keep: dict[str, torch.Tensor] = {}
     est_local = 0.0
     try:
-        new_w, keep, est = stages.reconstruct(mine, spec, selection, finvs=finvs, orders=orders, losses=losses)
+        new_w, keep, est = stages.reconstruct(shards[rank], spec, selection, finvs=finvs, orders=orders, losses=losses)
         est_local = float(est or 0.0)
     except Exception as e:
         error = e
@@ -264,11 +284,11 @@ def distributed_prune(
         total_pruned=sum(r.pruned for r in reports),
         est_loss_increase=float(est_t.item()),
         num_grads=int(num_grads),
-        passes=1,
         layers=reports,
         times=times,
         notes=[f"{world} ranks; layers per rank {[len(s) for s in shards]}"],
-        samples=stats.samples * world,
+        samples=samples * world,
+        passes=passes,
     )
 
 

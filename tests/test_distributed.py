@@ -44,6 +44,10 @@ def _worker(rank, world, port, method, fail_rank, where, budget, out):
                 raise ovit_kernels_error("block 3 is not positive definite")
 
             stages.eliminate = broken
+        if fail_rank == rank and where == "weights":
+            with torch.no_grad():
+                model.head.bias += 1e-3
+            before = {k: v.clone() for k, v in model.state_dict().items()}
         if fail_rank == rank and where == "sampling":
             real, calls = model.forward, []
 
@@ -134,3 +138,44 @@ def test_plan_a_job_on_the_meta_device(capsys, tmp_path):
                  "64", "--json", str(out)]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "exchanged per gradient" in text and "estimate:" in text and json.loads(out.read_text())["gpus"] == 2
+
+
+def _cli_worker(rank, world, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    from ovit.cli import main
+
+    assert main(argv) == 0
+
+
+def test_cli_prune_under_torchrun_style_launch(tmp_path):
+    """What `torchrun --nproc_per_node=2 -m ovit prune ...` does: each rank runs the CLI, which
+    initialises the process group; rank 0 writes the pruned model."""
+    pytest.importorskip("timm")
+    import json
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    out = tmp_path / "pruned.pt"
+    argv = ["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs",
+            json.dumps({"img_size": 32, "depth": 1, "num_classes": 2}), "--data", str(tmp_path / "data"),
+            "--sparsity", "0.5", "--block-size", "32", "--num-grads", "4", "--grad-batch-size", "2",
+            "--damp", "1e-3", "--damp-mode", "relative", "--workers", "0", "--out", str(out)]  # fmt: skip
+    mp.spawn(_cli_worker, args=(2, free_port(), argv), nprocs=2, join=True)
+    rep = json.loads((tmp_path / "pruned.json").read_text())
+    assert abs(rep["achieved_sparsity"] - 0.5) < 1e-3 and "2 ranks" in rep["notes"][0]
+    sd = torch.load(out, weights_only=True)
+    assert (sd["blocks.0.mlp.fc1.weight"] == 0).float().mean() > 0.2
+
+
+def test_ranks_with_different_weights_are_refused(tmp_path):
+    outs = run("ovit", 1, tmp_path, where="weights")
+    for o in outs:
+        assert "different weights before pruning" in o["error"] and o["unchanged"]

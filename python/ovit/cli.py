@@ -106,8 +106,38 @@ def _folder(model: torch.nn.Module, folder: str, training: bool):
     return ImageFolder(folder, transform=timm.data.create_transform(**cfg, is_training=training))
 
 
+def _distributed_env() -> bool:
+    """Under torchrun (WORLD_SIZE > 1): initialise the process group (NCCL with GPUs, gloo
+    without) and pin this rank's GPU. Returns whether the run is distributed."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
 def _prune(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from .pruner import one_shot_prune
+
+    distributed = _distributed_env()
+    if distributed and args.device is None and torch.cuda.is_available():
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    try:
+        return _prune_on(args, one_shot_prune, distributed)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prune_on(args: argparse.Namespace, one_shot_prune, distributed: bool) -> int:
+    import torch.distributed as dist
 
     model, device, ds = _model_and_folder(args, args.data)
     per_sample = args.grad_mode != "mini_batch"
@@ -120,25 +150,42 @@ def _prune(args: argparse.Namespace) -> int:
         drop_last=False,
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),  # the same order on every rank: ranks take every W-th batch
     )
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    report = one_shot_prune(
-        model,
-        loader,
-        args.sparsity,
-        method=args.method,
-        block_size=args.block_size,
-        num_grads=args.num_grads,
-        grad_mode=args.grad_mode,
-        grad_batch_size=group,
-        pass_batch_size=pass_size if per_sample else None,
-        damp=args.damp,
-        damp_mode=args.damp_mode,
-        pattern=args.pattern,
-        layers=args.layers,
-        amp_dtype=amp,
-        backend=args.backend,
-    )
+    if distributed:
+        from .distributed import distributed_prune
+
+        if per_sample or amp is not None:
+            raise ValueError("under torchrun, ovit prune runs mini-batch gradients without --amp for now")
+        if not args.checkpoint and not os.path.isfile(args.model):
+            from .distributed import broadcast_model
+
+            broadcast_model(model)  # a randomly initialised model: rank 0's weights everywhere
+        report = distributed_prune(model, loader, args.sparsity, method=args.method, block_size=args.block_size,
+                                   num_grads=args.num_grads, damp=args.damp, damp_mode=args.damp_mode,
+                                   pattern=args.pattern, layers=args.layers, backend=args.backend,
+                                   debug=True)  # fmt: skip
+        if dist.get_rank() != 0:  # every rank holds the same model (checked): rank 0 writes it
+            return 0
+    else:
+        report = one_shot_prune(
+            model,
+            loader,
+            args.sparsity,
+            method=args.method,
+            block_size=args.block_size,
+            num_grads=args.num_grads,
+            grad_mode=args.grad_mode,
+            grad_batch_size=group,
+            pass_batch_size=pass_size if per_sample else None,
+            damp=args.damp,
+            damp_mode=args.damp_mode,
+            pattern=args.pattern,
+            layers=args.layers,
+            amp_dtype=amp,
+            backend=args.backend,
+        )
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"

@@ -101,6 +101,13 @@ def _agree(error: BaseException | None, group, what: str) -> None:
         raise RankFailure(f"rank {r} failed during {what}: {e}; no rank's model was changed") from error
 
 
+def broadcast_model(model: nn.Module, src: int = 0, group=None) -> None:
+    """Give every rank rank ``src``'s parameters and buffers (e.g. a randomly initialised model)."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=_global(group, src), group=group)
+
+
 def checksum(model: nn.Module, group=None) -> bool:
     """True when every rank holds exactly the same parameters (a float64 sum and a weighted sum
     of each parameter, compared across ranks)."""
@@ -140,9 +147,10 @@ def distributed_prune(
     """One-shot oViT or WoodFisher on every rank of ``group`` (module docstring), same
     arguments as :func:`ovit.one_shot_prune` where they exist.
 
-    Every rank passes the same model (same weights) and the same ``data`` (an iterable of
-    batches); rank r uses batches r, r + W, r + 2W, …; ``num_grads`` is the total over ranks and
-    must be a multiple of W (each rank takes ``num_grads / W``). ``memory_budget``: bytes per rank
+    Every rank passes the same model (same weights: checked first) and the same ``data`` (an
+    iterable of batches, in the same order); rank r uses batches r, r + W, r + 2W, …;
+    ``num_grads`` is the total over ranks and must be a multiple of W (each rank takes
+    ``num_grads / W``). ``memory_budget``: bytes per rank
     for the Fisher work (default as :func:`ovit.one_shot_prune`'s; the smallest over the ranks is
     used); a rank whose layers do not fit takes several passes over the data (layer groups, the
     single-GPU planner), and the others pass with it. Returns the same report on every rank; with
@@ -163,6 +171,9 @@ def distributed_prune(
         raise ValueError(f"num_grads must be a positive multiple of the {world} ranks, got {num_grads!r}")
     loss_fn = loss_fn or F.cross_entropy
     device = next(model.parameters()).device
+    if not checksum(model, group):
+        raise RankFailure("the ranks hold different weights before pruning: load the same checkpoint on every rank "
+                          "(or broadcast rank 0's parameters)")  # fmt: skip
     chosen = select_layers(model, layers)
     players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size, nm[1] if nm else 1)) for n, m in chosen]
     shards = shard_layers(players, world)

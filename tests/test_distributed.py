@@ -29,7 +29,7 @@ def data_of(n=16, batch=4, seed=0):
 KW = dict(block_size=16, num_grads=12, damp=1e-2, damp_mode="relative", fisher_dtype=torch.float64, grad_chunk=4)
 
 
-def _worker(rank, world, port, method, fail_rank, where, budget, out):
+def _worker(rank, world, port, method, fail_rank, where, budget, pattern, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -59,8 +59,9 @@ def _worker(rank, world, port, method, fail_rank, where, budget, out):
 
             model.forward = flaky
         try:
-            rep = ovit.distributed.distributed_prune(model, data_of(), 0.6, method=method, debug=True,
-                                                     memory_budget=budget, **KW)  # fmt: skip
+            sparsity = None if pattern != "unstructured" else 0.6
+            rep = ovit.distributed.distributed_prune(model, data_of(), sparsity, method=method, debug=True,
+                                                     memory_budget=budget, pattern=pattern, **KW)  # fmt: skip
             torch.save({"state": model.state_dict(), "pruned": rep.total_pruned, "est": rep.est_loss_increase,
                         "passes": rep.passes}, os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
         except ovit.distributed.RankFailure as e:
@@ -76,16 +77,21 @@ def ovit_kernels_error(msg):
     return ok.NotPositiveDefiniteError(msg, [3])
 
 
-def run(method, fail_rank, tmp_path, world=2, where="elimination", budget=None):
-    args = (world, free_port(), method, fail_rank, where, budget, str(tmp_path))
+def run(method, fail_rank, tmp_path, world=2, where="elimination", budget=None, pattern="unstructured"):
+    args = (world, free_port(), method, fail_rank, where, budget, pattern, str(tmp_path))
     mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.mark.parametrize("method,budget", [("ovit", None), ("woodfisher", None), ("ovit", 3_500_000)])
-def test_two_ranks_equal_one_process(method, budget, tmp_path):
-    """Also with a memory budget that makes each rank take several passes (layer groups)."""
-    outs = run(method, None, tmp_path, budget=budget)
+@pytest.mark.parametrize(
+    "method,budget,world,pattern",
+    [("ovit", None, 2, "unstructured"), ("woodfisher", None, 2, "unstructured"), ("ovit", 3_500_000, 2, "unstructured"),
+     ("ovit", None, 3, "unstructured"), ("ovit", None, 2, "2:4")],
+)  # fmt: skip
+def test_ranks_equal_one_process(method, budget, world, pattern, tmp_path):
+    """2 and 3 ranks (uneven layer shards), N:M, and a memory budget that makes a rank take
+    several passes (layer groups): the same masks as one process on the same gradients."""
+    outs = run(method, None, tmp_path, budget=budget, world=world, pattern=pattern)
     if budget is not None:
         assert all(o["passes"] > 1 for o in outs)
     torch.manual_seed(0)
@@ -94,7 +100,8 @@ def test_two_ranks_equal_one_process(method, budget, tmp_path):
     data = data_of()
     order = [data[i] for i in range(12)]
     kw = {k: v for k, v in KW.items() if k != "grad_chunk"}
-    rep = ovit.one_shot_prune(ref, order, 0.6, method=method, progress=False, **kw)
+    sparsity = None if pattern != "unstructured" else 0.6
+    rep = ovit.one_shot_prune(ref, order, sparsity, method=method, pattern=pattern, progress=False, **kw)
     for o in outs:
         assert o["pruned"] == rep.total_pruned
         for k, v in ref.state_dict().items():

@@ -186,3 +186,40 @@ def test_ranks_with_different_weights_are_refused(tmp_path):
     outs = run("ovit", 1, tmp_path, where="weights")
     for o in outs:
         assert "different weights before pruning" in o["error"] and o["unchanged"]
+
+
+def _ddp_worker(rank, world, port, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TinyViT(dim=32, depth=1, heads=2)
+        pruner = ovit.Pruner(model, process_group=dist.group.WORLD, block_size=16, num_grads=12, damp=1e-2,
+                             damp_mode="relative", grad_chunk=4)  # fmt: skip
+        ddp = DDP(model)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1)
+        pruner.hold(opt)
+        data = data_of()
+        for target in (0.4, 0.7):
+            pruner.step(data, target)
+            for x, y in data[rank::world][:3]:  # each rank trains on its own batches; DDP averages
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x), y).backward()
+                opt.step()
+        masks = {n: k.clone() for n, k in pruner.masks.items()}
+        zeros_ok = all(bool((dict(model.named_modules())[n].weight[~k] == 0).all()) for n, k in masks.items())
+        torch.save({"masks": masks, "same": ovit.distributed.checksum(model), "zeros_ok": zeros_ok,
+                    "sparsity": pruner.sparsity}, os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradual_steps_across_ranks_under_ddp(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for o in outs:
+        assert o["same"] and o["zeros_ok"] and abs(o["sparsity"] - 0.7) < 1e-3
+    assert all(torch.equal(outs[0]["masks"][n], outs[1]["masks"][n]) for n in outs[0]["masks"])

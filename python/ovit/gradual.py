@@ -36,6 +36,10 @@ from .masks import MaskHolder
 from .pruner import METHODS, PruneReport, one_shot_prune
 from .schedules import CyclicLinearLR, SparsitySchedule
 
+# the options of one_shot_prune that the distributed step takes too
+_DISTRIBUTED_OPTIONS = {"grad_batch_size", "loss_fn", "fisher_dtype", "grad_chunk", "memory_budget", "backend",
+                        "progress", "debug"}  # fmt: skip
+
 
 class Pruner:
     """Persistent masks and pruning steps for the selected layers of ``model``.
@@ -44,6 +48,10 @@ class Pruner:
         model: the model; pruned in place by :meth:`step`.
         layers, method, block_size, pattern, damp, damp_mode, num_grads: as in
             :func:`ovit.one_shot_prune`; fixed for every step.
+        process_group: a ``torch.distributed`` process group (``dist.group.WORLD`` for all
+            ranks): every step runs across its ranks (:func:`ovit.distributed.distributed_prune`),
+            each rank calling :meth:`step` with the same arguments; the masks stay identical on
+            every rank, also under DDP training with :meth:`hold`.
         **options: any other keyword of :func:`ovit.one_shot_prune` (``grad_batch_size``,
             ``grad_mode``, ``loss_fn``, ``fisher_dtype``, ``memory_budget``, ``backend``,
             ``progress`` …), given to every step.
@@ -65,6 +73,7 @@ class Pruner:
         damp: float = 1e-8,
         damp_mode: str = "absolute",
         num_grads: int = 4096,
+        process_group: Any = None,
         **options: Any,
     ) -> None:
         if method not in METHODS:
@@ -78,6 +87,11 @@ class Pruner:
         self.config = dict(method=method, block_size=int(block_size), pattern=pattern, damp=float(damp),
                            damp_mode=damp_mode, num_grads=int(num_grads))  # fmt: skip
         self.options = options
+        self.process_group = process_group
+        if process_group is not None:
+            unsupported = sorted(set(options) - _DISTRIBUTED_OPTIONS)
+            if unsupported or method not in ("ovit", "woodfisher"):
+                raise ValueError(f"across ranks a Pruner runs ovit or woodfisher without {unsupported or method}")
         self.masks: dict[str, torch.Tensor] = {
             n: torch.ones_like(m.weight, dtype=torch.bool, device=m.weight.device) for n, m in chosen
         }
@@ -191,7 +205,15 @@ class Pruner:
         try:
             self.apply_masks()
             for t in targets:
-                reports.append(one_shot_prune(self.model, data, t, layers=self.names, **self.config, **self.options))
+                if self.process_group is not None:  # every rank runs the step; the shards split the work
+                    from .distributed import distributed_prune
+
+                    reports.append(distributed_prune(self.model, data, t, layers=self.names, group=self.process_group,
+                                                     **self.config, **self.options))  # fmt: skip
+                else:
+                    reports.append(
+                        one_shot_prune(self.model, data, t, layers=self.names, **self.config, **self.options)
+                    )
         except BaseException:
             with torch.no_grad():
                 for n in self.names:

@@ -38,13 +38,16 @@ def _port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    from ovit.distributed import _ToOwner
+    from ovit.distributed import Piece, _ToOwners
+    from ovit.layers import Layout, PrunableLayer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     owners = [i % world for i in range(len(LAYERS))]
-    sinks = [_ToOwner(o, Drop() if o == rank else None, None) for o in owners]
+    layers = [PrunableLayer(f"l{i}", None, Layout(n, 64, n // 64, 0)) for i, n in enumerate(LAYERS)]
+    sinks = [_ToOwners([(Piece(ly, 0, ly.layout.num_blocks), o)], {f"l{i}[0:{ly.layout.num_blocks}]": Drop()}, None)
+             for i, (ly, o) in enumerate(zip(layers, owners))]  # fmt: skip
     chunks = [torch.randn(CHUNK, n) for n in LAYERS]
     dist.barrier()
     t0 = time.perf_counter()

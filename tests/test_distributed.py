@@ -223,3 +223,25 @@ def test_gradual_steps_across_ranks_under_ddp(tmp_path):
     for o in outs:
         assert o["same"] and o["zeros_ok"] and abs(o["sparsity"] - 0.7) < 1e-3
     assert all(torch.equal(outs[0]["masks"][n], outs[1]["masks"][n]) for n in outs[0]["masks"])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_block_shards_cover_every_block_once_and_balance_the_bytes(world):
+    from ovit.distributed import shard_blocks
+    from ovit.layers import PrunableLayer, block_layout
+
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.Linear(24, 96), torch.nn.Linear(96, 10))
+    layers = [PrunableLayer(n, m, block_layout(m.weight.numel(), b))  # blocks of different sizes, one padded
+              for (n, m), b in zip(ovit.select_layers(model, ["0", "1", "2"]), (32, 16, 48))]  # fmt: skip
+    shards = shard_blocks(layers, world)
+    seen = {ly.name: [] for ly in layers}
+    for sh in shards:
+        for pc in sh:
+            seen[pc.layer.name] += list(range(pc.start, pc.stop))
+    assert all(seen[ly.name] == list(range(ly.layout.num_blocks)) for ly in layers)
+    total = sum(ly.layout.num_blocks * ly.layout.block_size**2 for ly in layers)
+    biggest = max(ly.layout.block_size**2 for ly in layers)
+    for sh in shards:  # each rank's Fisher state: at most 1/W of the total plus one block
+        assert sum(pc.layout.num_blocks * pc.layout.block_size**2 for pc in sh) <= total / world + biggest
+    if world == 3:
+        assert any(len({r for r, sh in enumerate(shards) for pc in sh if pc.layer is ly}) > 1 for ly in layers)

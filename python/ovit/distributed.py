@@ -1,12 +1,13 @@
 """One-shot pruning across the ranks of a ``torch.distributed`` job (NCCL on GPUs, gloo on CPU),
 launched as usual (``torchrun``); the process group must be initialised by the caller.
 
-First form: the pruned layers are sharded by whole layers (contiguous ranges of the layer order,
-balanced by Fisher bytes); every rank samples gradients on its share of the data; each chunk of
-gradients of a layer is gathered to the layer's owner (every gradient entry travels once, to
-one rank: N·4 bytes per gradient over the job, no rank ever holds all m gradients), which holds
-only the Fisher inverses of its layers, eliminates their blocks and reconstructs them. The
-global selection is exact across ranks: the per-block cumulative losses (small: N/B·B values)
+The blocks of all pruned layers, in order, are cut into one contiguous range per rank, balanced
+by Fisher bytes (a layer may straddle ranks: one piece on each); every rank samples gradients on
+its share of the data; each chunk of gradients of a layer is cut by pieces and every piece's
+columns gathered to its owner (every gradient entry travels once, to one rank: N·4 bytes per
+gradient over the job, no rank ever holds all m gradients), which holds only the Fisher
+inverses of its pieces (≤ 1/W of the total plus one block), eliminates their blocks and
+reconstructs them. The global selection is exact across ranks: the per-block cumulative losses (small: N/B·B values)
 are broadcast from their owners and every rank runs the same selection over all layers, so the
 counts, K and the tie-breaking equal a single process's. Before anything is written, the ranks
 agree: if any rank fails (an exception while sampling — heard before every exchange —, a
@@ -16,14 +17,14 @@ process group's timeout (``init_process_group(timeout=...)``), their models unch
 weights and masks are broadcast from the owners, so every rank ends with the same model
 (``checksum`` compares them).
 
-Not yet: shards inside a layer (block ranges of one layer on several ranks), the Woodbury
-method.
+Not yet: the Woodbury method, per-sample gradients across ranks.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ from torch import nn
 import ovit_kernels as ok
 
 from . import stages
-from .layers import PrunableLayer, block_layout, select_layers
+from .layers import Layout, PrunableLayer, block_layout, select_layers
 from .pruner import LayerReport, PruneReport, _memory_budget, _parse_pattern, plan_memory
 from .sampling import sample_gradients
 
@@ -56,25 +57,84 @@ def shard_layers(layers: list[PrunableLayer], world: int) -> list[list[PrunableL
     return out
 
 
-class _ToOwner:
-    """Stands in for a layer's FisherInverse on every rank: each chunk of gradients is gathered
-    to the layer's owner, whose accumulator takes the chunks of all ranks in rank order."""
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous range ``[start, stop)`` of one layer's blocks, owned by one rank. It offers
+    what the stages read of a layer (``name``, ``layout``, ``weight``, ``blocks``, ``pad_mask``),
+    restricted to its blocks, so every stage runs on it as on a layer."""
 
-    def __init__(self, owner: int, acc: ok.FisherInverse | None, group) -> None:
-        self.owner, self.acc, self.group = owner, acc, group
+    layer: PrunableLayer
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer.name}[{self.start}:{self.stop}]"
+
+    @property
+    def layout(self) -> Layout:
+        lay = self.layer.layout
+        last = self.stop == lay.num_blocks
+        n = self.stop - self.start
+        return Layout(n * lay.block_size - (lay.pad if last else 0), lay.block_size, n, lay.pad if last else 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    def blocks(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.layer.blocks(flat)[self.start : self.stop]
+
+    def pad_mask(self, device: torch.device) -> torch.Tensor:
+        return self.layer.pad_mask(device)[self.start : self.stop]
+
+    def columns(self) -> slice:
+        b = self.layer.layout.block_size
+        return slice(self.start * b, self.stop * b)
+
+
+def shard_blocks(layers: list[PrunableLayer], world: int) -> list[list[Piece]]:
+    """The blocks of all layers, in order, cut into ``world`` contiguous ranges balanced by
+    Fisher bytes (B² per block; blocks of different layers may differ in size): each rank holds
+    at most 1/W of the total plus one block. A layer may straddle ranks (one piece on each)."""
+    total = sum(ly.layout.num_blocks * ly.layout.block_size**2 for ly in layers)
+    out: list[list[Piece]] = [[] for _ in range(world)]
+    acc, r = 0, 0
+    for ly in layers:
+        b2 = ly.layout.block_size**2
+        start = 0
+        for i in range(ly.layout.num_blocks):
+            while r < world - 1 and acc + b2 / 2 > total * (r + 1) / world:
+                if i > start:
+                    out[r].append(Piece(ly, start, i))
+                start = i
+                r += 1
+            acc += b2
+        out[r].append(Piece(ly, start, ly.layout.num_blocks))
+    return out
+
+
+class _ToOwners:
+    """Stands in for a layer's FisherInverse on every rank: each chunk of the layer's gradients
+    is cut by pieces and every piece's columns gathered to its owner (each entry travels once),
+    whose accumulator takes the columns of all ranks in rank order."""
+
+    def __init__(self, pieces: list[tuple[Piece, int]], accs: dict[str, ok.FisherInverse], group) -> None:
+        self.pieces, self.accs, self.group = pieces, accs, group
 
     def update(self, chunk: torch.Tensor) -> None:
-        _agree(None, self.group, "the gradient sampling")  # a rank that failed meanwhile is heard here
         rank = dist.get_rank(self.group)
-        chunk = chunk.contiguous()
-        dst = _global(self.group, self.owner)
-        if rank == self.owner:
-            got = [torch.empty_like(chunk) for _ in range(dist.get_world_size(self.group))]
-            dist.gather(chunk, got, dst=dst, group=self.group)
-            assert self.acc is not None
-            self.acc.update(torch.cat(got))
-        else:
-            dist.gather(chunk, None, dst=dst, group=self.group)
+        world = dist.get_world_size(self.group)
+        for piece, owner in self.pieces:
+            _agree(None, self.group, "the gradient sampling")  # a rank that failed meanwhile is heard here
+            part = chunk[:, piece.columns()].contiguous()
+            dst = _global(self.group, owner)
+            if rank == owner:
+                got = [torch.empty_like(part) for _ in range(world)]
+                dist.gather(part, got, dst=dst, group=self.group)
+                self.accs[piece.name].update(torch.cat(got))
+            else:
+                dist.gather(part, None, dst=dst, group=self.group)
 
 
 def _my_share(data: Iterable, rank: int, world: int) -> Iterator:
@@ -176,18 +236,19 @@ def distributed_prune(
                           "(or broadcast rank 0's parameters)")  # fmt: skip
     chosen = select_layers(model, layers)
     players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size, nm[1] if nm else 1)) for n, m in chosen]
-    shards = shard_layers(players, world)
-    owner = {ly.name: r for r, sh in enumerate(shards) for ly in sh}
+    shards = shard_blocks(players, world)
+    owner = {pc.name: r for r, sh in enumerate(shards) for pc in sh}
+    pieces_of = {ly.name: [pc for sh in shards for pc in sh if pc.layer is ly] for ly in players}
     spec = stages.StepSpec(method, float(sparsity), nm, fisher_dtype, float(damp), damp_mode, backend, device)
     times: dict[str, float] = {}
 
-    # --- memory: every rank's layers planned by the single-GPU planner, under the smallest budget ----
+    # --- memory: every rank's pieces planned by the single-GPU planner, under the smallest budget ----
     lim = torch.tensor([float(_memory_budget(device, memory_budget))], dtype=torch.float64, device=device)
     dist.all_reduce(lim, op=dist.ReduceOp.MIN, group=group)
     budget = int(lim.item())
     plans = [plan_memory(sh, budget, device, "gram", fisher_dtype, grad_chunk) if sh else None for sh in shards]
     passes = max(len(pl.groups) for pl in plans if pl is not None)
-    in_pass = [{ly.name for pl in plans if pl is not None and p < len(pl.groups) for ly in pl.groups[p]}
+    in_pass = [{pc.name for pl in plans if pl is not None and p < len(pl.groups) for pc in pl.groups[p]}
                for p in range(passes)]  # fmt: skip
     store = plans[rank].store if plans[rank] is not None else device
     finvs: dict[str, torch.Tensor] = {}
@@ -196,14 +257,15 @@ def distributed_prune(
     scores: dict[str, torch.Tensor] = {}
     samples = 0
     for p in range(passes):
-        # sampling: my share of the data, each chunk of a layer of this pass gathered to its owner
+        # sampling: my share of the data; each chunk of a layer cut by pieces, each piece to its owner
         t0 = time.perf_counter()
-        layers_p = [ly for ly in players if ly.name in in_pass[p]]
-        mine_p = [ly for ly in layers_p if owner[ly.name] == rank]
-        accs = {ly.name: ok.FisherInverse(ly.layout.num_blocks * ly.layout.block_size, ly.layout.block_size, damp,
+        layers_p = [ly for ly in players if any(pc.name in in_pass[p] for pc in pieces_of[ly.name])]
+        mine_p = [pc for pc in shards[rank] if pc.name in in_pass[p]]
+        accs = {pc.name: ok.FisherInverse(pc.layout.num_blocks * pc.layout.block_size, pc.layout.block_size, damp,
                                           damp_mode=damp_mode, method="gram", dtype=fisher_dtype, device=device,
-                                          backend=backend, name=ly.name) for ly in mine_p}  # fmt: skip
-        sinks = {ly.name: _ToOwner(owner[ly.name], accs.get(ly.name), group) for ly in layers_p}
+                                          backend=backend, name=pc.name) for pc in mine_p}  # fmt: skip
+        sinks = {ly.name: _ToOwners([(pc, owner[pc.name]) for pc in pieces_of[ly.name] if pc.name in in_pass[p]],
+                                    accs, group) for ly in layers_p}  # fmt: skip
         error: BaseException | None = None
         try:
             stats = sample_gradients(model, _my_share(data, rank, world), layers_p, sinks, num_grads // world,
@@ -218,63 +280,69 @@ def distributed_prune(
             error = e
         _agree(error, group, "the gradient sampling")
         times["sampling"] = times.get("sampling", 0.0) + time.perf_counter() - t0
-        # on the owner: inverses, elimination or scores
+        # on the owner: inverses, elimination or scores of its pieces
         t0 = time.perf_counter()
         error = None
         try:
-            for ly in mine_p:
-                finvs[ly.name] = accs.pop(ly.name).compute()
+            for pc in mine_p:
+                finvs[pc.name] = accs.pop(pc.name).compute()
             if method == "ovit":
-                o, ls = stages.eliminate(mine_p, finvs, spec)
+                o, ls = stages.eliminate(mine_p, finvs, spec)  # type: ignore[arg-type]
                 orders.update(o)
                 losses.update(ls)
             else:
-                scores.update(stages.score(mine_p, finvs, spec))
-            for ly in mine_p:  # waits for the reconstruction where the plan says (the CPU when passes > 1)
-                finvs[ly.name] = finvs[ly.name].to(store)
+                scores.update(stages.score(mine_p, finvs, spec))  # type: ignore[arg-type]
+            for pc in mine_p:  # waits for the reconstruction where the plan says (the CPU when passes > 1)
+                finvs[pc.name] = finvs[pc.name].to(store)
         except Exception as e:  # every rank must hear of it before anyone goes on
             error = e
         _agree(error, group, "the Fisher inverses and the elimination")
         times["fisher_and_elimination"] = times.get("fisher_and_elimination", 0.0) + time.perf_counter() - t0
 
-    # --- exact global selection: every rank gets every layer's losses (or scores) ---------------
+    # --- exact global selection: every rank gets every piece's losses (or scores) ----------------
     t0 = time.perf_counter()
     src = losses if method == "ovit" else scores
     full: dict[str, torch.Tensor] = {}
     for ly in players:
         steps = (ly.layout.block_size * (nm[1] - nm[0]) // nm[1]) if nm and method == "ovit" else ly.layout.block_size
         dt = fisher_dtype if method == "ovit" else torch.float32
-        t = (
-            src[ly.name]
-            if owner[ly.name] == rank
-            else torch.empty(ly.layout.num_blocks, steps, dtype=dt, device=device)
-        )
-        dist.broadcast(t, src=_global(group, owner[ly.name]), group=group)
-        full[ly.name] = t
+        parts = []
+        for pc in pieces_of[ly.name]:
+            n = pc.stop - pc.start
+            t = src[pc.name] if owner[pc.name] == rank else torch.empty(n, steps, dtype=dt, device=device)
+            dist.broadcast(t, src=_global(group, owner[pc.name]), group=group)
+            parts.append(t)
+        full[ly.name] = torch.cat(parts)
     selection = stages.select(players, spec, losses=full if method == "ovit" else None,
                               scores=full if method == "woodfisher" else None)  # fmt: skip
     times["selection"] = time.perf_counter() - t0
 
-    # --- reconstruction on the owner, agreement, then everyone gets every layer ----------------
+    # --- reconstruction of my pieces, agreement, then everyone gets every piece -------------------
     t0 = time.perf_counter()
     error = None
     new_w: dict[str, torch.Tensor] = {}
     keep: dict[str, torch.Tensor] = {}
     est_local = 0.0
     try:
-        new_w, keep, est = stages.reconstruct(shards[rank], spec, selection, finvs=finvs, orders=orders, losses=losses)
+        mine = shards[rank]
+        sel = {pc.name: selection[pc.layer.name][pc.start : pc.stop] for pc in mine}
+        new_w, keep, est = stages.reconstruct(mine, spec, sel, finvs=finvs, orders=orders, losses=losses)  # type: ignore[arg-type]
         est_local = float(est or 0.0)
     except Exception as e:
         error = e
     _agree(error, group, "the reconstruction")
     for ly in players:
-        nb, b = ly.layout.num_blocks, ly.layout.block_size
-        w = new_w[ly.name].to(torch.float32) if owner[ly.name] == rank else torch.empty(nb, b, device=device)
-        k = keep[ly.name].to(torch.uint8) if owner[ly.name] == rank else torch.empty(nb, b, dtype=torch.uint8,
-                                                                                     device=device)  # fmt: skip
-        dist.broadcast(w, src=_global(group, owner[ly.name]), group=group)
-        dist.broadcast(k, src=_global(group, owner[ly.name]), group=group)
-        new_w[ly.name], keep[ly.name] = w, k.bool()
+        ws, ks = [], []
+        for pc in pieces_of[ly.name]:
+            n, b = pc.stop - pc.start, ly.layout.block_size
+            mine_pc = owner[pc.name] == rank
+            w = new_w[pc.name].to(torch.float32) if mine_pc else torch.empty(n, b, device=device)
+            k = keep[pc.name].to(torch.uint8) if mine_pc else torch.empty(n, b, dtype=torch.uint8, device=device)
+            dist.broadcast(w, src=_global(group, owner[pc.name]), group=group)
+            dist.broadcast(k, src=_global(group, owner[pc.name]), group=group)
+            ws.append(w)
+            ks.append(k.bool())
+        new_w[ly.name], keep[ly.name] = torch.cat(ws), torch.cat(ks)
     est_t = torch.tensor([est_local], dtype=torch.float64, device=device)
     dist.all_reduce(est_t, group=group)
     times["reconstruction"] = time.perf_counter() - t0
@@ -297,7 +365,7 @@ def distributed_prune(
         num_grads=int(num_grads),
         layers=reports,
         times=times,
-        notes=[f"{world} ranks; layers per rank {[len(s) for s in shards]}"],
+        notes=[f"{world} ranks; blocks per rank {[sum(pc.stop - pc.start for pc in sh) for sh in shards]}"],
         samples=samples * world,
         passes=passes,
     )
@@ -331,7 +399,8 @@ def plan_job(
     link_bytes_per_s: float = 100e9,
 ) -> dict:
     """The plan of a distributed one-shot run, without running it (``model`` may live on the
-    meta device): the layers per rank (sharded as :func:`distributed_prune` shards them), each
+    meta device): the pieces of layers per rank (sharded as :func:`distributed_prune` shards
+    them), each
     rank's Fisher memory and passes over the data (the single-GPU planner, ``plan_memory``, per
     rank with ``memory_fraction`` of ``gpu_memory``), the bytes exchanged per gradient, and an
     estimate of each phase from the rates of SPEC §5 (stated in the result)."""
@@ -339,7 +408,7 @@ def plan_job(
 
     chosen = select_layers(model, layers)
     players = [PrunableLayer(n, m, block_layout(m.weight.numel(), block_size)) for n, m in chosen]
-    shards = shard_layers(players, gpus)
+    shards = shard_blocks(players, gpus)
     budget = int(memory_fraction * gpu_memory)
     params = sum(p.numel() for p in model.parameters())
     n_total = sum(ly.layout.numel for ly in players)
@@ -348,8 +417,8 @@ def plan_job(
         if not sh:
             ranks.append({"rank": r, "layers": 0, "weights": 0, "passes": 0, "state_bytes": 0, "peak_bytes": 0})
             continue
-        plan = plan_memory(sh, budget, torch.device("cuda"), "gram", fisher_dtype, chunk)
-        n_r = sum(ly.layout.num_blocks * ly.layout.block_size for ly in sh)
+        plan = plan_memory(sh, budget, torch.device("cuda"), "gram", fisher_dtype, chunk)  # type: ignore[arg-type]
+        n_r = sum(pc.layout.num_blocks * pc.layout.block_size for pc in sh)
         ranks.append({"rank": r, "layers": len(sh), "weights": n_r, "passes": len(plan.groups),
                       "state_bytes": 8 * n_r * block_size, "peak_bytes": plan.peak})  # fmt: skip
     worst = max(ranks, key=lambda x: x["weights"])

@@ -107,11 +107,12 @@ def _folder(model: torch.nn.Module, folder: str, training: bool):
 
 
 def _distributed_env() -> bool:
-    """Under torchrun (WORLD_SIZE > 1): initialise the process group (NCCL with GPUs, gloo
-    without) and pin this rank's GPU. Returns whether the run is distributed."""
+    """Under torchrun (which sets RANK and WORLD_SIZE, also for one process): initialise the
+    process group (NCCL with GPUs, gloo without) and pin this rank's GPU. Returns whether the run
+    is distributed."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()

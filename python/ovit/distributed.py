@@ -175,7 +175,7 @@ def checksum(model: nn.Module, group=None) -> bool:
     for i, p in enumerate(model.parameters()):
         v = p.detach().double().flatten()
         parts += [v.sum(), (v * torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)).sum() + i]
-    mine = torch.stack(parts).cpu()
+    mine = torch.stack(parts)  # on the parameters' device (NCCL takes only GPU tensors)
     world = dist.get_world_size(group)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)

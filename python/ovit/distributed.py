@@ -43,20 +43,6 @@ class RankFailure(RuntimeError):
     """A rank of the job failed during a pruning step; raised on every rank."""
 
 
-def shard_layers(layers: list[PrunableLayer], world: int) -> list[list[PrunableLayer]]:
-    """Contiguous ranges of ``layers`` (in order), one per rank, balanced by Fisher bytes
-    (num_blocks · B²). Ranks may get no layer when there are fewer layers than ranks."""
-    cost = [ly.layout.num_blocks * ly.layout.block_size**2 for ly in layers]
-    total = sum(cost)
-    out: list[list[PrunableLayer]] = [[] for _ in range(world)]
-    acc = 0.0
-    for ly, c in zip(layers, cost):
-        r = min(world - 1, int(world * (acc + c / 2) / max(1, total)))
-        out[r].append(ly)
-        acc += c
-    return out
-
-
 @dataclass(frozen=True)
 class Piece:
     """A contiguous range ``[start, stop)`` of one layer's blocks, owned by one rank. It offers

@@ -25,6 +25,7 @@ Plugging it into your own loop::
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -182,8 +183,6 @@ class Pruner:
             ValueError: a target below the current sparsity, a bad ``recomputations``, layers
                 that changed shape.
         """
-        import time
-
         if int(recomputations) != recomputations or recomputations < 1:
             raise ValueError(f"recomputations must be a positive int, got {recomputations!r}")
         mods = self._modules()
@@ -313,7 +312,6 @@ def gradual_prune(
     """
     import json
     import os
-    import time
 
     params = list(model.parameters())
     if not params:

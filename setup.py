@@ -43,9 +43,16 @@ def _extensions():
         return [], {}
     ok, why = _cuda_toolchain()
     if not ok:
+        isolated = "not importable" in why
+        hint = (
+            " — pip's build isolation hides the installed torch: pip install . --no-build-isolation" if isolated else ""
+        )
         if KNOB in ON:
-            raise RuntimeError(f"OVIT_BUILD_CUDA={KNOB} but the CUDA extension cannot be built: {why}")
-        print(f"ovit-kernels: building pure Python ({why})")
+            raise RuntimeError(f"OVIT_BUILD_CUDA={KNOB} but the CUDA extension cannot be built: {why}{hint}")
+        import sys
+
+        bar = "=" * 78
+        print(f"{bar}\novit-kernels: the CUDA extension is NOT built ({why}){hint}\n{bar}", file=sys.stderr)
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -83,8 +90,13 @@ def _cpu_extension() -> list:
 
         includes = [pybind11.get_include()]
     except ImportError:  # torch ships the pybind11 headers
-        import torch
-
+        try:
+            import torch
+        except ImportError:
+            if knob in ON:
+                raise RuntimeError("OVIT_BUILD_CPU=1 but neither pybind11 nor torch is importable") from None
+            print("ovit-kernels: no pybind11 headers, the CPU kernels are not built", flush=True)
+            return []
         includes = [os.path.join(os.path.dirname(torch.__file__), "include")]
     arch = os.environ.get("OVIT_CPU_ARCH", "native")
     return [

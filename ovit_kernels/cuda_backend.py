@@ -23,7 +23,10 @@ from ._backend import BackendStatus, Case
 try:
     from . import _C  # type: ignore[attr-defined]
 except ImportError as e:  # the backend selector reports this as the reason cuda is unavailable
-    raise ImportError(f"ovit_kernels._C is not built ({e}); build it with OVIT_BUILD_CUDA=1 pip install -e .") from e
+    raise ImportError(
+        f"ovit_kernels._C is not built ({e}); build it where a CUDA torch and nvcc are present with "
+        "OVIT_BUILD_CUDA=1 pip install -e . --no-build-isolation (pip's build isolation hides the installed torch)"
+    ) from e
 
 MAX_BLOCK_FP32 = _C.max_block_size(False)
 MAX_BLOCK_FP64 = _C.max_block_size(True)

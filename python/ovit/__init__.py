@@ -1,6 +1,7 @@
 """ovit: Optimal ViT Surgeon pruning (one-shot and gradual) on top of the ``ovit_kernels`` backend."""
 
 from . import distributed, stages
+from .checkpoint import load_pruned, save_pruned
 from .gradual import Pruner, gradual_prune
 from .layers import DEFAULT_PATTERN, Layout, block_layout, select_layers
 from .masks import MaskHolder
@@ -21,6 +22,8 @@ __all__ = [
     "distributed",
     "stages",
     "gradual_prune",
+    "load_pruned",
     "one_shot_prune",
+    "save_pruned",
     "select_layers",
 ]

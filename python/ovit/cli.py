@@ -189,9 +189,16 @@ def _prune_on(args: argparse.Namespace, one_shot_prune, distributed: bool) -> in
         )
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out)
+    if out.endswith(".safetensors"):  # weights, bit-packed masks, report and settings in one file
+        from .checkpoint import save_pruned
+
+        mods = dict(model.named_modules())
+        masks = {lr.name: mods[lr.name].weight.detach() != 0 for lr in report.layers}
+        save_pruned(model, out, masks, report=report, settings={k: v for k, v in vars(args).items() if k != "func"})
+    else:
+        tmp = out + ".tmp"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, out)
     rep_path = os.path.splitext(out)[0] + ".json"
     with open(rep_path, "w") as f:
         f.write(report.to_json())
@@ -281,6 +288,23 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .checkpoint import report
+
+    rows = report(args.checkpoint, args.png)
+    mib = 2.0**20
+    print(f"{'layer':<28} {'params':>10} {'sparsity':>9} {'pattern':>12} {'dense fp16':>11} {'bitmap':>9} {'2:4':>9}")
+    for r in rows:
+        nm = f"{r['nm_fp16_bytes'] / mib:.2f}M" if r["nm_fp16_bytes"] else "-"
+        print(f"{r['layer']:<28} {r['params']:>10} {r['sparsity']:>9.2%} {r['pattern']:>12} "
+              f"{r['dense_fp16_bytes'] / mib:>10.2f}M {r['bitmap_fp16_bytes'] / mib:>8.2f}M {nm:>9}")  # fmt: skip
+    tot = sum(r["params"] for r in rows)
+    pruned = sum(r["params"] * r["sparsity"] for r in rows)
+    print(f"{len(rows)} pruned layers, {tot} weights, sparsity {pruned / max(1, tot):.2%}"
+          + (f"; chart: {args.png}" if args.png else ""))  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ovit", description="Optimal ViT Surgeon: one-shot second-order pruning")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -316,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "cpu", "reference"))
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--out", required=True, help="path of the pruned state dict (.pt); the report goes beside it")
+    p.add_argument("--out", required=True, help="the pruned model: a state dict (.pt), or a checkpoint with masks "
+                   "and report (.safetensors); the report also goes beside it as .json")  # fmt: skip
     p.set_defaults(func=_prune)
     gr = sub.add_parser("gradual", help="gradual pruning with recovery of a timm model on an ImageFolder data set")
     gr.add_argument("--model", required=True, help="timm model name, or a checkpoint {'arch', 'state_dict'}")
@@ -358,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="of the inverses")
     pl.add_argument("--json", help="also write the plan as JSON here")
     pl.set_defaults(func=_plan)
+    rp = sub.add_parser("report", help="per-layer sparsity and sizes of a pruned .safetensors checkpoint")
+    rp.add_argument("checkpoint", help="a checkpoint written by ovit.save_pruned or ovit prune --out x.safetensors")
+    rp.add_argument("--png", help="also write a bar chart of the per-layer sparsity here")
+    rp.set_defaults(func=_report)
     args = ap.parse_args(argv)
     if args.cmd == "prune":
         if args.sparsity is not None and not 0 <= args.sparsity < 1:

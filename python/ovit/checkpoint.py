@@ -1,0 +1,160 @@
+"""Pruned checkpoints in safetensors: the weights, every pruned layer's mask bit-packed, and the
+prune report and settings as metadata; a per-layer report of a checkpoint (table and chart).
+
+A checkpoint is refused whole — never loaded half-way — when the file is corrupt or truncated,
+a mask does not match its weight's shape or its zeros, or the checkpoint belongs to another
+architecture (a missing, unexpected or differently shaped tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+MASK_PREFIX = "__ovit_mask__."
+FORMAT = "ovit-pruned-1"
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor → uint8 bytes, 8 entries per byte (little-endian bit order), flattened."""
+    flat = mask.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`pack_bits` for a tensor of ``shape``."""
+    n = 1
+    for d in shape:
+        n *= d
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"a packed mask of {packed.numel()} bytes cannot hold shape {tuple(shape)}")
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.flatten()[:n].bool().view(shape)
+
+
+def save_pruned(
+    model: nn.Module,
+    path: str,
+    masks: dict[str, torch.Tensor] | None = None,
+    *,
+    report=None,
+    settings: dict | None = None,
+) -> None:
+    """Write ``model``'s state dict, the masks (``{module name: bool of the weight's shape}``, True =
+    kept; default: the zeros of every Linear/Conv2d weight that has any) bit-packed, and the
+    report (a :class:`~ovit.PruneReport` or a dict) and settings as JSON metadata. Written
+    through a temporary file: an interrupted save never leaves a broken checkpoint."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    mods = dict(model.named_modules())
+    if masks is None:
+        masks = {n: m.weight.detach() != 0 for n, m in mods.items()
+                 if isinstance(m, (nn.Linear, nn.Conv2d)) and bool((m.weight == 0).any())}  # fmt: skip
+    shapes = {}
+    for name, keep in masks.items():
+        if name not in mods or tuple(keep.shape) != tuple(mods[name].weight.shape):
+            raise ValueError(f"mask {name!r} does not match a weight of the model")
+        state[MASK_PREFIX + name] = pack_bits(keep.cpu())
+        shapes[name] = list(keep.shape)
+    rep = asdict(report) if report is not None and not isinstance(report, dict) else report
+    meta = {"format": FORMAT, "masks": json.dumps(shapes), "report": json.dumps(rep), "settings": json.dumps(settings),
+            "model": type(model).__name__}  # fmt: skip
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_pruned(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """``(state, masks, metadata)`` of a checkpoint, checked: a clear error for a file that is not
+    one, is corrupt or truncated, or whose masks do not match their weights' shapes or zeros."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not a file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own errors for a corrupt or truncated file
+        raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not an ovit pruned checkpoint (format {meta.get('format')!r})")
+    shapes = json.loads(meta["masks"])
+    state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    masks = {}
+    for name, shape in shapes.items():
+        packed = tensors.get(MASK_PREFIX + name)
+        w = state.get(name + ".weight")
+        if packed is None or w is None or list(w.shape) != shape:
+            raise ValueError(f"{path!r}: the mask of {name!r} does not match its weight")
+        keep = unpack_bits(packed, tuple(shape))
+        if bool((w[~keep] != 0).any()):
+            raise ValueError(f"{path!r}: {name!r} has non-zero weights where its mask prunes")
+        masks[name] = keep
+    info = {k: json.loads(v) if k in ("report", "settings", "masks") else v for k, v in meta.items()}
+    return state, masks, info
+
+
+def load_pruned(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """Load a checkpoint written by :func:`save_pruned` into ``model`` (all or nothing) and return
+    its masks (True = kept), on the model's devices; :class:`ovit.Pruner` and
+    :class:`ovit.MaskHolder` take them as they are.
+
+    Raises:
+        ValueError: the file (corrupt, truncated, not a checkpoint), its masks, or a mismatch
+            with ``model`` (missing, unexpected or differently shaped tensors, naming them).
+    """
+    state, masks, _ = read_pruned(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shaped:
+        raise ValueError(f"{path!r} belongs to another architecture: {len(missing)} missing (e.g. {missing[:2]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(shaped)} shaped differently "
+                         f"(e.g. {shaped[:2]})")  # fmt: skip
+    mods = dict(model.named_modules())
+    if any(n not in mods for n in masks):
+        raise ValueError(f"{path!r} has masks of modules the model does not have")
+    model.load_state_dict(state)
+    return {n: k.to(mods[n].weight.device) for n, k in masks.items()}
+
+
+def report(path: str, png: str | None = None) -> list[dict]:
+    """Per pruned layer: sparsity, pattern (2:4 when every group of 4 keeps at most 2),
+    parameters, and bytes dense (fp16) vs as a bitmap (fp16 values + 1 bit per weight) and as
+    2:4 (half the values in fp16 + a 2-bit index each: 56% of dense) where it applies. Optionally a PNG bar chart of the
+    per-layer sparsity."""
+    _, masks, _ = read_pruned(path)
+    rows = []
+    for name, keep in masks.items():
+        n = keep.numel()
+        kept = int(keep.sum())
+        is24 = keep.shape[-1] % 4 == 0 and bool((keep.reshape(-1, 4).sum(1) <= 2).all())
+        rows.append({"layer": name, "params": n, "sparsity": 1 - kept / n, "pattern": "2:4" if is24 else "unstructured",
+                     "dense_fp16_bytes": 2 * n, "bitmap_fp16_bytes": 2 * kept + (n + 7) // 8,
+                     "nm_fp16_bytes": (n + (n + 7) // 8) if is24 else None})  # fmt: skip
+    if png is not None and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
+        ax.bar(range(len(rows)), [100 * r["sparsity"] for r in rows])
+        ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=90, fontsize=6)
+        ax.set_ylabel("sparsity (%)")
+        ax.set_title(os.path.basename(path))
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+    return rows

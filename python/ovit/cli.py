@@ -18,6 +18,11 @@ def _demo(args: argparse.Namespace) -> int:
     if args.grad_modes:
         run_grad_modes_demo()
         return 0
+    if args.quantize:
+        from .demo import run_quant_demo
+
+        run_quant_demo()
+        return 0
     if args.gradual:
         gcfg = GradualConfig(out=args.out)
         if args.fast:
@@ -313,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
     d.add_argument("--grad-modes", action="store_true",
                    help="one-shot oViT: mini-batch vs per-sample gradients, equal gradients or images")  # fmt: skip
+    d.add_argument("--quantize", action="store_true", help="one-shot oViT, then int8 (dynamic and weight-only)")
     d.add_argument("--gradual", action="store_true",
                    help="gradual oViT vs gradual global magnitude to 90%% and 95%%, and one-shot oViT")  # fmt: skip
     d.add_argument("--out", default="ovit_out", help="folder for the plot and the JSON results")

@@ -63,8 +63,27 @@ def _load_state(model: torch.nn.Module, sd: dict, what: str) -> None:
         )
 
 
+def _is_hf_folder(spec: str) -> bool:
+    return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json"))
+
+
 def _load_model(spec: str, checkpoint: str | None, kwargs: dict) -> torch.nn.Module:
     import timm
+
+    if _is_hf_folder(spec) or (not os.path.exists(spec) and "/" in spec and not timm.is_model(spec)):
+        try:  # a Hugging Face transformers image classifier: a save_pretrained folder or a hub id
+            from transformers import AutoModelForImageClassification
+        except ImportError:
+            raise ValueError(f"{spec!r} looks like a Hugging Face model but transformers is not installed") from None
+        try:
+            model = AutoModelForImageClassification.from_pretrained(spec, **kwargs)
+        except Exception as e:
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValueError(f"cannot load the transformers model {spec!r}: {first}") from None
+        if checkpoint:
+            _load_state(model, torch.load(checkpoint, map_location="cpu", weights_only=True), checkpoint)
+        model.ovit_source = spec  # where its image preprocessing comes from
+        return model
 
     if os.path.isfile(spec):
         ckpt = torch.load(spec, map_location="cpu", weights_only=True)
@@ -104,6 +123,20 @@ def _folder(model: torch.nn.Module, folder: str, training: bool):
 
     if not os.path.isdir(folder):
         raise ValueError(f"{folder!r} is not a directory (an ImageFolder: one sub-folder per class)")
+    if hasattr(model, "ovit_source"):  # transformers: its image size and its processor's normalisation
+        from torchvision import transforms
+
+        size = model.config.image_size
+        mean, std = [0.5] * 3, [0.5] * 3
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(model.ovit_source)
+            mean, std = list(proc.image_mean), list(proc.image_std)
+        except Exception:  # noqa: BLE001 - a folder saved without its processor: ViT's defaults
+            pass
+        tf = [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
+        return ImageFolder(folder, transform=transforms.Compose(tf))
     cfg = timm.data.resolve_data_config({}, model=model)
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img is not None:  # a model created at another resolution than its pretrained config
@@ -324,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="ovit_out", help="folder for the plot and the JSON results")
     d.set_defaults(func=_demo)
     p = sub.add_parser("prune", help="prune a timm model on an ImageFolder data set")
-    p.add_argument("--model", required=True, help="timm model name, or a checkpoint {'arch', 'state_dict'}")
+    p.add_argument("--model", required=True, help="timm model name, a checkpoint {'arch', 'state_dict'}, or a "
+                   "transformers image classifier (a save_pretrained folder or a hub id)")  # fmt: skip
     p.add_argument("--checkpoint", help="state dict to load into a model given by name")
     p.add_argument("--model-kwargs", help="JSON keyword arguments for timm.create_model")
     p.add_argument("--data", required=True, help="ImageFolder directory (calibration images)")

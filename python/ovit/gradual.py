@@ -35,6 +35,7 @@ from torch import nn
 from .layers import select_layers
 from .masks import MaskHolder
 from .pruner import METHODS, PruneReport, one_shot_prune
+from .sampling import logits
 from .schedules import CyclicLinearLR, SparsitySchedule
 
 # the options of one_shot_prune that the distributed step takes too
@@ -244,7 +245,7 @@ def _accuracy(model: nn.Module, data: Iterable, device: torch.device) -> float:
     with torch.no_grad():
         for x, y in data:
             x, y = x.to(device), y.to(device)
-            right += int((model(x).argmax(-1) == y).sum())
+            right += int((logits(model(x)).argmax(-1) == y).sum())
             total += int(y.numel())
     model.train(was)
     return right / max(1, total)
@@ -369,10 +370,10 @@ def gradual_prune(
         for x, y in train_data:
             x, y = x.to(device), y.to(device)
             with autocast():
-                out = model(x)
+                out = logits(model(x))
                 if teacher is not None:
                     with torch.no_grad():
-                        t_out = teacher(x)
+                        t_out = logits(teacher(x))
                     loss = _kd_loss(out.float(), t_out.float(), y, kd_weight, kd_temperature, loss_fn)
                 else:
                     loss = loss_fn(out.float(), y)

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 # timm ViT / DeiT / Swin names: the fused attention input projection, its output, the MLP.
-DEFAULT_PATTERN = r"(^|\.)(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$"
+# timm's ViT/DeiT/Swin (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and Hugging Face transformers' ViT, DeiT
+# and Swin: attention.{q,k,v,o}_proj and mlp.fc1/fc2 (transformers 5), or attention.attention|self.
+# {query,key,value}, attention.output.dense, intermediate.dense and the block's output.dense (4.x)
+DEFAULT_PATTERN = (
+    r"(^|\.)(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|attention\.(q_proj|k_proj|v_proj|o_proj)"
+    r"|attention\.(attention|self)\.(query|key|value)|attention\.output\.dense|intermediate\.dense"
+    r"|(layer|blocks)\.\d+\.output\.dense)$"
+)
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
 
 

@@ -111,6 +111,20 @@ def batches(
 
 
 GRAD_MODES = ("mini_batch", "per_sample", "micro_batch")
+
+
+def logits(out) -> torch.Tensor:
+    """A model's output as the tensor a loss takes: the tensor itself, the ``logits`` of a
+    Hugging Face output, or the first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot take a loss of a model output of type {type(out).__name__}")
+
+
 PIECE_BYTES = 32 << 20  # per-sample gradients of one layer are formed this many bytes at a time
 
 
@@ -300,7 +314,7 @@ def sample_gradients(
                 for ly in layers:
                     ly.weight.grad = None
                 with autocast:
-                    out = model(x)
+                    out = logits(model(x))
                 loss = loss_fn(out.float(), y)
                 loss.backward()
                 for ly in layers:
@@ -317,7 +331,7 @@ def sample_gradients(
             for c in calls.values():
                 c.clear()
             with autocast:
-                out = model(x)
+                out = logits(model(x))
             loss = loss_fn(out.float(), y)
             outs = [o for ly in layers for _, o in calls[ly.name]]
             if len(outs) == 0:
@@ -327,7 +341,7 @@ def sample_gradients(
             if not checked:  # the first sample alone, for the check below
                 recording[0] = False
                 with autocast:
-                    one = loss_fn(model(x[:1]).float(), y[:1])
+                    one = loss_fn(logits(model(x[:1])).float(), y[:1])
                 single = torch.autograd.grad(one, [ly.weight for ly in layers], allow_unused=True)
                 recording[0] = True
             for i, ly in enumerate(layers):

@@ -114,3 +114,40 @@ def test_cli_prune_writes_a_checkpoint_with_masks(tmp_path):
     _, masks, info = read_pruned(str(out))
     assert len(masks) == 4 and info["settings"]["sparsity"] == 0.5
     assert abs(info["report"]["total_pruned"] / info["report"]["total_params"] - 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["nm", "bitmap"])
+def test_compressed_checkpoint_loads_into_sparse_linear(fmt, tmp_path):
+    import ovit_kernels as ok
+    from ovit.checkpoint import load_compressed, save_compressed
+
+    model, rep = pruned_model("2:4" if fmt == "nm" else "unstructured")
+    dense_path, comp_path = tmp_path / "dense.safetensors", tmp_path / "comp.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(dense_path))
+    chosen = save_compressed(model, str(comp_path), fmt)
+    assert {n for n, f in chosen.items() if f == fmt} == {lr.name for lr in rep.layers}
+    assert chosen["head"].startswith("dense")
+    if fmt == "nm":  # the pruned layers take 56% of their dense fp16 bytes (the tiny model's file is
+        # mostly headers, embeddings and the head)
+        from safetensors import safe_open
+
+        with safe_open(str(comp_path), framework="pt") as f:
+            comp = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if "__" in k)
+        dense = sum(2 * dict(model.named_modules())[lr.name].weight.numel() for lr in rep.layers)
+        assert comp == pytest.approx(0.5625 * dense, rel=0.01) and comp <= 0.6 * dense
+        assert comp_path.stat().st_size < dense_path.stat().st_size
+    fresh = TinyViT(dim=32, depth=1, heads=2)
+    got = load_compressed(fresh, str(comp_path))
+    assert got == {n: fmt for n, f in chosen.items() if f == fmt}
+    mods = dict(fresh.named_modules())
+    for name in got:
+        assert isinstance(mods[name], ok.SparseLinear)
+        w = ok.unpack(mods[name].packed)
+        assert torch.equal(w, dict(model.named_modules())[name].weight.detach().half()), name
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x.half()).float(), model.half()(x.half()).float(), rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="another architecture"):
+        load_compressed(TinyViT(dim=48, depth=1, heads=2), str(comp_path))

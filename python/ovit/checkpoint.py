@@ -158,3 +158,129 @@ def report(path: str, png: str | None = None) -> list[dict]:
         fig.savefig(png, dpi=120)
         plt.close(fig)
     return rows
+
+
+# --- compressed checkpoints: N:M and bitmap layers stored packed, loaded as SparseLinear ----------------
+
+COMPRESSED = "ovit-compressed-1"
+
+
+def _pack2(idx: torch.Tensor) -> torch.Tensor:
+    """Values in 0..3 → 4 per byte (flattened)."""
+    flat = idx.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % 4
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    q = flat.view(-1, 4)
+    return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
+
+
+def _unpack2(packed: torch.Tensor, n: int) -> torch.Tensor:
+    parts = [(packed >> s) & 3 for s in (0, 2, 4, 6)]
+    return torch.stack(parts, 1).flatten()[:n]
+
+
+def save_compressed(model: nn.Module, path: str, format: str = "nm", *, dtype: torch.dtype = torch.float16) -> dict:
+    """Write ``model`` with its pruned Linear layers compressed, every floating tensor in ``dtype``.
+
+    ``format="nm"`` (2:4): per layer the kept values (half the weights) and a 2-bit position each
+    (56% of the dense bytes in fp16); ``"bitmap"``: the nonzero values and 1 bit per weight. A
+    Linear that is not pruned, or whose zeros do not fit 2:4, stays dense (said in the result).
+    :func:`load_compressed` rebuilds the layers as :class:`ovit_kernels.SparseLinear`.
+
+    Returns:
+        ``{module name: "nm" | "bitmap" | "dense (reason)"}``.
+    """
+    from safetensors.torch import save_file
+
+    if format not in ("nm", "bitmap"):
+        raise ValueError(f"format must be 'nm' or 'bitmap', got {format!r}")
+    out: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    chosen: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        w = mod.weight.detach().cpu()
+        keep = w != 0
+        if bool(keep.all()):
+            chosen[name] = "dense (not pruned)"
+            continue
+        if format == "nm":
+            if w.shape[1] % 4 or bool((keep.view(w.shape[0], -1, 4).sum(-1) > 2).any()):
+                chosen[name] = "dense (not 2:4)"
+                continue
+            g = keep.view(w.shape[0], -1, 4)
+            # two positions per group: the kept ones first, then free slots (zeros) in index order
+            order = torch.sort((~g).to(torch.int8), dim=-1, stable=True).indices[..., :2]
+            vals = torch.gather(w.view(w.shape[0], -1, 4), -1, order)
+            out[f"{name}.__values__"] = vals.reshape(w.shape[0], -1).to(dtype).contiguous()
+            out[f"{name}.__index__"] = _pack2(order)
+        else:
+            out[f"{name}.__values__"] = w[keep].to(dtype).contiguous()
+            out[f"{name}.__mask__"] = pack_bits(keep)
+        layers[name] = {"format": format, "shape": list(w.shape)}
+        chosen[name] = format
+    skip = {f"{n}.weight" for n in layers}
+    for k, v in model.state_dict().items():
+        if k not in skip and isinstance(v, torch.Tensor):
+            out[k] = (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+    meta = {"format": COMPRESSED, "layers": json.dumps(layers), "dtype": str(dtype).replace("torch.", "")}
+    tmp = path + ".tmp"
+    save_file(out, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return chosen
+
+
+def load_compressed(model: nn.Module, path: str, backend: str | None = None) -> dict[str, str]:
+    """Load a file of :func:`save_compressed` into ``model`` (built as for the dense checkpoint):
+    its compressed layers become :class:`ovit_kernels.SparseLinear` (same values, bit-exact in the
+    file's dtype), the rest loads as usual; the model takes the file's dtype. All or nothing:
+    a corrupt file or another architecture is refused before anything changes."""
+    from safetensors import safe_open
+
+    import ovit_kernels as ok
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    if meta.get("format") != COMPRESSED:
+        raise ValueError(f"{path!r} is not an ovit compressed checkpoint")
+    layers = json.loads(meta["layers"])
+    mods = dict(model.named_modules())
+    dense: dict[str, torch.Tensor] = {}
+    for name, info in layers.items():
+        m = mods.get(name)
+        if not isinstance(m, nn.Linear) or list(m.weight.shape) != info["shape"]:
+            raise ValueError(f"{path!r} belongs to another architecture: no Linear {name!r} of shape {info['shape']}")
+        out_f, in_f = info["shape"]
+        vals = tensors[f"{name}.__values__"]
+        w = torch.zeros(out_f, in_f, dtype=vals.dtype)
+        if info["format"] == "nm":
+            idx = _unpack2(tensors[f"{name}.__index__"], vals.numel()).view(out_f, -1, 2).long()
+            w.view(out_f, -1, 4).scatter_(-1, idx, vals.view(out_f, -1, 2))
+        else:
+            w[unpack_bits(tensors[f"{name}.__mask__"], (out_f, in_f))] = vals
+        dense[name] = w
+    state = {k: v for k, v in tensors.items() if "__" not in k.rsplit(".", 1)[-1]}
+    own = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in layers or
+           not k.endswith(".weight")}  # fmt: skip
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shaped:
+        raise ValueError(f"{path!r} belongs to another architecture: missing {missing[:2]}, unexpected "
+                         f"{unexpected[:2]}, shaped differently {shaped[:2]}")  # fmt: skip
+    dtype = getattr(torch, meta.get("dtype", "float16"))
+    model.to(dtype)
+    model.load_state_dict({**model.state_dict(), **state})
+    chosen = {}
+    for name, info in layers.items():
+        parent, _, child = name.rpartition(".")
+        lin = mods[name]
+        packed = ok.pack(dense[name], info["format"])
+        setattr(mods[parent] if parent else model, child, ok.SparseLinear(packed, lin.bias, backend=backend))
+        chosen[name] = info["format"]
+    return chosen

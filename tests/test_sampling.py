@@ -205,3 +205,17 @@ def test_grad_modes_demo_small(tmp_path, monkeypatch):
     out = run_grad_modes_demo(cfg, log=lambda *_: None)
     assert out["images"] == {"mini": 24, "per-sample": 6}
     assert set(out["results"]) == {"mini", "per-sample"} and (tmp_path / "out" / "digits_grad_modes.json").exists()
+
+
+def test_absolute_damping_with_per_sample_gradients_is_warned():
+    model = TinyViT(dim=16, depth=1, heads=2)
+    data = [(x.float(), y) for x, y in data_of(16, batch=8)]
+    with pytest.warns(RuntimeWarning, match="damp_mode='relative' follows the estimator"):
+        ovit.one_shot_prune(model, data, 0.5, block_size=16, num_grads=8, grad_mode="per_sample", damp=1e-6,
+                            progress=False)  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ovit.one_shot_prune(TinyViT(dim=16, depth=1, heads=2), data, 0.5, block_size=16, num_grads=8,
+                            grad_mode="per_sample", damp=1e-2, damp_mode="relative", progress=False)  # fmt: skip

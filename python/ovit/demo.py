@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -166,6 +167,8 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
             for i in range(0, len(ytr) - cfg.grad_batch_size + 1, cfg.grad_batch_size)
         ]
         t0 = time.perf_counter()
+        # the grid holds absolute λ on purpose (each is compared on the validation split)
+        warnings.filterwarnings("ignore", message="ovit: grad_mode=", category=RuntimeWarning)
         shared: dict = {}  # the Gram of the gradients, sampled once per seed for every method and λ
         # λ outermost: the cache keeps the inverse of the last λ, shared by every method and sparsity
         runs = [(di, method) for di in range(len(cfg.damps)) for method in fisher_methods]
@@ -300,6 +303,7 @@ class GradualConfig:
     # recovery epoch over the 804 training images)
     num_grads: int = 256
     grad_batch_size: int = 1
+    distill: bool = False  # recover with distillation from the dense model (both methods)
     out: str = "ovit_out"
 
 
@@ -360,6 +364,7 @@ def run_gradual_demo(cfg: GradualConfig | None = None, log=print) -> dict:
             hist = gradual_prune(model, _Shuffled(xtr, ytr, base.batch_size, seed), schedule=sched,
                                  optimizer=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=0.05),
                                  pruner=pruner, calib_data=calib, eval_data=val, log=None,
+                                 teacher=dense if cfg.distill else None,
                                  out_dir=run_dir, resume=False)  # fmt: skip
             for s in cfg.report:
                 ck = torch.load(os.path.join(run_dir, f"sparsity={s:.4f}", "best.pt"), weights_only=False)

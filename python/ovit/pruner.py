@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -309,6 +310,14 @@ def one_shot_prune(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     num_grads, block_size = int(num_grads), int(block_size)
     grad_group(grad_mode, grad_batch_size)  # refuses a bad pair before any work
+    if grad_mode != "mini_batch" and damp_mode == "absolute" and method in ("ovit", "woodfisher"):
+        warnings.warn(
+            f"ovit: grad_mode={grad_mode!r} with an absolute damp={damp:g}: gradients of fewer samples have a "
+            "larger Fisher scale (E[ḡḡᵀ] ≈ F/g for g samples), so a λ tuned for mini-batches means a different "
+            "method here; damp_mode='relative' follows the estimator",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     loss_fn = loss_fn or F.cross_entropy
     params = list(model.parameters())
     if not params:

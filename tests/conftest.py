@@ -169,3 +169,17 @@ def original_woodbury_fp32(g: torch.Tensor, b: int, lam: float) -> torch.Tensor:
     from baselines import fisher_rank_one
 
     return fisher_rank_one(g.float(), b, lam, g.shape[0])
+
+
+def image_folder(root, classes=("a", "b"), per_class: int = 4, size: int = 32, seed: int = 0) -> str:
+    """An ImageFolder of random RGB PNGs under ``root/data``; returns its path."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    base = os.path.join(str(root), "data")
+    for cls in classes:
+        os.makedirs(os.path.join(base, cls), exist_ok=True)
+        for i in range(per_class):
+            arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(os.path.join(base, cls, f"{i}.png"))
+    return base

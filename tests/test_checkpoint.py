@@ -3,6 +3,7 @@ corrupt, truncated or mismatched file is refused whole; the per-layer report."""
 
 import pytest
 import torch
+from conftest import image_folder
 
 import ovit
 from ovit.checkpoint import pack_bits, read_pruned, report, unpack_bits
@@ -96,16 +97,9 @@ def test_cli_prune_writes_a_checkpoint_with_masks(tmp_path):
     pytest.importorskip("timm")
     import json
 
-    from PIL import Image
-
     from ovit.cli import main
 
-    g = torch.Generator().manual_seed(0)
-    for cls in ("a", "b"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(4):
-            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    image_folder(tmp_path, ("a", "b"), 4, 32)
     out = tmp_path / "pruned.safetensors"
     assert main(["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs",
                  json.dumps({"img_size": 32, "depth": 1, "num_classes": 2}), "--data", str(tmp_path / "data"),

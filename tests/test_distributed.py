@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import image_folder
 
 import ovit
 from ovit.models import TinyViT
@@ -162,14 +163,7 @@ def test_cli_prune_under_torchrun_style_launch(tmp_path):
     pytest.importorskip("timm")
     import json
 
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for cls in ("a", "b"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(4):
-            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    image_folder(tmp_path, ("a", "b"), 4, 32)
     out = tmp_path / "pruned.pt"
     argv = ["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs",
             json.dumps({"img_size": 32, "depth": 1, "num_classes": 2}), "--data", str(tmp_path / "data"),

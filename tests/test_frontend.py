@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import image_folder
 from torch import nn
 
 import ovit
@@ -278,16 +279,9 @@ def test_demo_fast_mode(tmp_path, monkeypatch):
 
 def test_cli_prune_on_an_image_folder(tmp_path):
     pytest.importorskip("timm")
-    from PIL import Image
-
     from ovit.cli import main
 
-    g = torch.Generator().manual_seed(0)
-    for cls in ("a", "b"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(4):
-            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    image_folder(tmp_path, ("a", "b"), 4, 32)
     out = tmp_path / "pruned.pt"
     rc = main(
         [
@@ -675,16 +669,9 @@ def test_woodbury_run_whose_data_runs_short_uses_what_it_got():
 
 def test_cli_gradual_on_an_image_folder(tmp_path):
     pytest.importorskip("timm")
-    from PIL import Image
-
     from ovit.cli import main
 
-    g = torch.Generator().manual_seed(0)
-    for cls in ("a", "b"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(4):
-            arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    image_folder(tmp_path, ("a", "b"), 4, 32)
     run = tmp_path / "run"
     args = ["gradual", "--model", "vit_tiny_patch16_224", "--model-kwargs",
             json.dumps({"img_size": 32, "depth": 1, "num_classes": 2}), "--data", str(tmp_path / "data"),

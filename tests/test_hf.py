@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import image_folder
 
 import ovit
 
@@ -45,18 +46,11 @@ def test_default_selection_and_pruning(kind):
 
 
 def test_cli_prunes_a_save_pretrained_folder(tmp_path):
-    from PIL import Image
-
     from ovit.cli import main
 
     model, _ = tiny("vit")
     model.save_pretrained(tmp_path / "vit")
-    g = torch.Generator().manual_seed(0)
-    for cls in ("a", "b", "c"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(3):
-            arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    image_folder(tmp_path, ("a", "b", "c"), 3, 40)
     out = tmp_path / "p.safetensors"
     assert main(["prune", "--model", str(tmp_path / "vit"), "--data", str(tmp_path / "data"), "--sparsity", "0.5",
                  "--block-size", "16", "--num-grads", "4", "--grad-batch-size", "2", "--damp", "1e-2",

@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"world": world, "seconds": sec}, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 

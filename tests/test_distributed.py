@@ -68,6 +68,7 @@ def _worker(rank, world, port, method, fail_rank, where, budget, pattern, out):
         except ovit.distributed.RankFailure as e:
             same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
             torch.save({"error": str(e), "unchanged": same}, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: gloo aborts a rank whose peers are gone
     finally:
         dist.destroy_process_group()
 
@@ -207,6 +208,7 @@ def _ddp_worker(rank, world, port, out):
         zeros_ok = all(bool((dict(model.named_modules())[n].weight[~k] == 0).all()) for n, k in masks.items())
         torch.save({"masks": masks, "same": ovit.distributed.checksum(model), "zeros_ok": zeros_ok,
                     "sparsity": pruner.sparsity}, os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+        dist.barrier()  # leave together: gloo aborts a rank whose peers are gone
     finally:
         dist.destroy_process_group()
 

@@ -169,7 +169,10 @@ def _prune(args: argparse.Namespace) -> int:
     if distributed and args.device is None and torch.cuda.is_available():
         args.device = f"cuda:{torch.cuda.current_device()}"
     try:
-        return _prune_on(args, one_shot_prune, distributed)
+        rc = _prune_on(args, one_shot_prune, distributed)
+        if distributed:  # rank 0 may still be writing: leave together (gloo aborts a rank that leaves early)
+            dist.barrier()
+        return rc
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -21,6 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """This spawned process joins a gloo group on loopback, one thread per rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
 def data_of(n=16, batch=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g))
@@ -31,9 +38,7 @@ KW = dict(block_size=16, num_grads=12, damp=1e-2, damp_mode="relative", fisher_d
 
 
 def _worker(rank, world, port, method, fail_rank, where, budget, pattern, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         model = TinyViT(dim=32, depth=1, heads=2)
@@ -186,9 +191,7 @@ def test_ranks_with_different_weights_are_refused(tmp_path):
 def _ddp_worker(rank, world, port, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         model = TinyViT(dim=32, depth=1, heads=2)

@@ -19,25 +19,30 @@ MASK_PREFIX = "__ovit_mask__."
 FORMAT = "ovit-pruned-1"
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool tensor → uint8 bytes, 8 entries per byte (little-endian bit order), flattened."""
-    flat = mask.flatten().to(torch.uint8)
-    pad = (-flat.numel()) % 8
+def pack_bits(values: torch.Tensor, width: int = 1) -> torch.Tensor:
+    """Values of ``width`` bits (a bool mask for 1; 0..3 for 2) → uint8 bytes, 8 // width per
+    byte (little-endian order), flattened."""
+    per = 8 // width
+    flat = values.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % per
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+    return (flat.view(-1, per) << shifts).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of :func:`pack_bits` for a tensor of ``shape``."""
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...], width: int = 1) -> torch.Tensor:
+    """The inverse of :func:`pack_bits` for a tensor of ``shape`` (bool for ``width=1``, else
+    uint8)."""
     n = 1
     for d in shape:
         n *= d
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise ValueError(f"a packed mask of {packed.numel()} bytes cannot hold shape {tuple(shape)}")
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.flatten()[:n].bool().view(shape)
+    per = 8 // width
+    if packed.dtype != torch.uint8 or packed.numel() != (n + per - 1) // per:
+        raise ValueError(f"a packed field of {packed.numel()} bytes cannot hold shape {tuple(shape)}")
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+    vals = ((packed.unsqueeze(1) >> shifts) & ((1 << width) - 1)).flatten()[:n].view(shape)
+    return vals.bool() if width == 1 else vals
 
 
 def save_pruned(
@@ -165,21 +170,6 @@ def report(path: str, png: str | None = None) -> list[dict]:
 COMPRESSED = "ovit-compressed-1"
 
 
-def _pack2(idx: torch.Tensor) -> torch.Tensor:
-    """Values in 0..3 → 4 per byte (flattened)."""
-    flat = idx.flatten().to(torch.uint8)
-    pad = (-flat.numel()) % 4
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    q = flat.view(-1, 4)
-    return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
-
-
-def _unpack2(packed: torch.Tensor, n: int) -> torch.Tensor:
-    parts = [(packed >> s) & 3 for s in (0, 2, 4, 6)]
-    return torch.stack(parts, 1).flatten()[:n]
-
-
 def save_compressed(model: nn.Module, path: str, format: str = "nm", *, dtype: torch.dtype = torch.float16) -> dict:
     """Write ``model`` with its pruned Linear layers compressed, every floating tensor in ``dtype``.
 
@@ -215,7 +205,7 @@ def save_compressed(model: nn.Module, path: str, format: str = "nm", *, dtype: t
             order = torch.sort((~g).to(torch.int8), dim=-1, stable=True).indices[..., :2]
             vals = torch.gather(w.view(w.shape[0], -1, 4), -1, order)
             out[f"{name}.__values__"] = vals.reshape(w.shape[0], -1).to(dtype).contiguous()
-            out[f"{name}.__index__"] = _pack2(order)
+            out[f"{name}.__index__"] = pack_bits(order, width=2)
         else:
             out[f"{name}.__values__"] = w[keep].to(dtype).contiguous()
             out[f"{name}.__mask__"] = pack_bits(keep)
@@ -260,7 +250,7 @@ def load_compressed(model: nn.Module, path: str, backend: str | None = None) -> 
         vals = tensors[f"{name}.__values__"]
         w = torch.zeros(out_f, in_f, dtype=vals.dtype)
         if info["format"] == "nm":
-            idx = _unpack2(tensors[f"{name}.__index__"], vals.numel()).view(out_f, -1, 2).long()
+            idx = unpack_bits(tensors[f"{name}.__index__"], (out_f, in_f // 4, 2), width=2).long()
             w.view(out_f, -1, 4).scatter_(-1, idx, vals.view(out_f, -1, 2))
         else:
             w[unpack_bits(tensors[f"{name}.__mask__"], (out_f, in_f))] = vals

@@ -94,6 +94,16 @@ def load_digits_split(
     return x[tr], y[tr], x[va], y[va], x[te], y[te]
 
 
+def gradient_batches(
+    x: torch.Tensor, y: torch.Tensor, seed: int, size: int, count: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint batches of ``size`` images in a fixed random order per seed (all that fit, or the
+    first ``count``): the data every pruning run of a seed samples its gradients from."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1000))
+    stop = len(y) - size + 1 if count is None else count * size
+    return [(x[perm[i : i + size]], y[perm[i : i + size]]) for i in range(0, stop, size)]
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     with torch.no_grad():
@@ -160,12 +170,7 @@ def run_demo(cfg: DemoConfig | None = None, log=print) -> dict:
         xtr, ytr, xva, yva, xte, yte = load_digits_split(seed, cfg.val_fraction)
         dense = train(cfg, seed, xtr, ytr, log)
         dense_acc.append(accuracy(dense, xte, yte))
-        gen = torch.Generator().manual_seed(seed + 1000)
-        perm = torch.randperm(len(ytr), generator=gen)
-        data = [
-            (xtr[perm[i : i + cfg.grad_batch_size]], ytr[perm[i : i + cfg.grad_batch_size]])
-            for i in range(0, len(ytr) - cfg.grad_batch_size + 1, cfg.grad_batch_size)
-        ]
+        data = gradient_batches(xtr, ytr, seed, cfg.grad_batch_size)
         t0 = time.perf_counter()
         # the grid holds absolute λ on purpose (each is compared on the validation split)
         warnings.filterwarnings("ignore", message="ovit: grad_mode=", category=RuntimeWarning)
@@ -347,10 +352,8 @@ def run_gradual_demo(cfg: GradualConfig | None = None, log=print) -> dict:
         xtr, ytr, xva, yva, xte, yte = load_digits_split(seed, base.val_fraction)
         dense = train(base, seed, xtr, ytr, log)
         dense_acc.append(accuracy(dense, xte, yte))
-        gen = torch.Generator().manual_seed(seed + 1000)
-        perm = torch.randperm(len(ytr), generator=gen)
         g = base.grad_batch_size
-        calib = [(xtr[perm[i : i + g]], ytr[perm[i : i + g]]) for i in range(0, len(ytr) - g + 1, g)]
+        calib = gradient_batches(xtr, ytr, seed, g)
         opts = dict(block_size=base.block_size, num_grads=base.num_grads, grad_batch_size=g, grad_mode=base.grad_mode,
                     pass_batch_size=base.pass_batch_size, progress=False)  # fmt: skip
         steps_opts = dict(opts, num_grads=cfg.num_grads, grad_batch_size=cfg.grad_batch_size,
@@ -491,11 +494,10 @@ def run_grad_modes_demo(cfg: GradModesConfig | None = None, log=print) -> dict:
         xtr, ytr, xva, yva, xte, yte = load_digits_split(seed, base.val_fraction)
         dense = train(base, seed, xtr, ytr, log)
         dense_acc.append(accuracy(dense, xte, yte))
-        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed + 1000))
         for label, mode, g, m in cfg.runs:
             if m * g > len(ytr):
                 raise ValueError(f"{label}: {m * g} images, the training split holds {len(ytr)}")
-            data = [(xtr[perm[i : i + g]], ytr[perm[i : i + g]]) for i in range(0, m * g, g)]
+            data = gradient_batches(xtr, ytr, seed, g, m)
             cache: dict = {}
             for di, (dmode, lam) in enumerate(cfg.damps):
                 for s in cfg.sparsities:
@@ -556,9 +558,8 @@ def run_quant_demo(base: DemoConfig | None = None, log=print, damps=(("relative"
         dense = train(cfg, seed, xtr, ytr, log)
         dense_acc.append(accuracy(dense, xte, yte))
         dense_q.append(accuracy(int8_dynamic(dense), xte, yte))
-        perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed + 1000))
         g = cfg.grad_batch_size
-        data = [(xtr[perm[i : i + g]], ytr[perm[i : i + g]]) for i in range(0, len(ytr) - g + 1, g)]
+        data = gradient_batches(xtr, ytr, seed, g)
         cache: dict = {}
         for s in cfg.sparsities:
             best = None

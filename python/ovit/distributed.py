@@ -111,8 +111,8 @@ class _ToOwners:
     def update(self, chunk: torch.Tensor) -> None:
         rank = dist.get_rank(self.group)
         world = dist.get_world_size(self.group)
+        _agree(None, self.group, "the gradient sampling")  # a rank that failed meanwhile is heard here
         for piece, owner in self.pieces:
-            _agree(None, self.group, "the gradient sampling")  # a rank that failed meanwhile is heard here
             part = chunk[:, piece.columns()].contiguous()
             dst = _global(self.group, owner)
             if rank == owner:

@@ -43,7 +43,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 SHARED_OPS = {
     "gram_update_": "batched float64 GEMM (torch.baddbmm), shared by every backend",
-    "prune_counts": "one device sort over all layers (torch.sort), shared by every backend",
+    "prune_counts": "one device selection over all layers (torch.kthvalue), shared by the GPU backends",
 }
 _MODULES = {"reference": ".reference", "triton": ".triton_backend", "cuda": ".cuda_backend", "cpu": ".cpu_backend"}
 _cache: dict[str, ModuleType | str] = {}

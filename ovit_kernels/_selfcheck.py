@@ -236,7 +236,22 @@ def _probe_spmm(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, s
     return r["ok"], r["text"]
 
 
+def _probe_prune_counts(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
+    """Two layers of cumulative losses with ties across blocks and layers, one with padding."""
+    steps = torch.randint(0, 4, (2, 5, 7), generator=gen).double().cumsum(-1).to(case.device)
+    losses = [steps[0], steps[1, :3].float()]
+    exclude = [torch.zeros(5, dtype=torch.int64, device=case.device), torch.tensor([0, 2, 7], device=case.device)]
+    for s in (0.0, 0.3, 0.55, 0.99):
+        for ex in (None, exclude):
+            want = reference.prune_counts(losses, s, ex)
+            got = fn(losses, s, ex)
+            if any(not torch.equal(g.cpu(), w.cpu()) for g, w in zip(got, want)):
+                return False, f"counts differ from the reference at sparsity {s}"
+    return True, "counts equal to the reference's"
+
+
 PROBES: dict[str, Callable[[Callable, Case, torch.Generator], tuple[bool, str]]] = {
+    "prune_counts": _probe_prune_counts,
     "woodbury_update_": _probe_woodbury,
     "gram_inverse": _probe_gram_inverse,
     "obs_prune_order": _probe_prune_order,

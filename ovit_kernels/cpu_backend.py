@@ -7,7 +7,8 @@ gradients in 4×8 register tiles, the damped inverse by a symmetric Gauss–Jord
 Woodbury update as rank-k steps in float64 — and threads take blocks from a shared counter (no
 barrier: a thread slowed by other work on the machine costs only the blocks it holds). The
 number of threads is ``torch.get_num_threads()``. float32 and float64; blocks up to 4096. The
-global selection is the shared device sort (``_backend.SHARED_OPS``).
+final weights are the joint OBS solution by a Cholesky of H[S,S] per block (k³/6 multiply-adds,
+against ≈ (B³ − (B − k)³)/6 for a replay); the global selection is an O(N) selection.
 
 ``ovit_kernels._cpu`` is built by ``setup.py`` whenever a C++ compiler is present, with or without
 CUDA; without it the backend is unavailable and says why (``available_backends()``), and the
@@ -40,7 +41,7 @@ def status() -> BackendStatus:
 
 def supports(case: Case) -> str | None:
     """None if the CPU kernels run ``case``, else why not."""
-    if case.dtype not in _FP:
+    if case.dtype is not None and case.dtype not in _FP:  # no state dtype: the global selection
         return f"the CPU kernels take float32 or float64, got {case.dtype}"
     if case.block is not None and case.block > MAX_BLOCK:
         return f"the CPU kernels take blocks up to {MAX_BLOCK}, got B = {case.block}"
@@ -113,6 +114,10 @@ def obs_prune_order(
 def obs_reconstruct(
     w: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The joint OBS solution by a Cholesky of H[S,S] per block (no replay). Returns the new
+    weights, the keep-mask and (nb,) uint8 codes: 1 a pivot that was not positive or NaN/Inf
+    among the inputs, 2 a position of ``order`` outside [0, B), 3 a repeated one (the kernel checks
+    ``order``, the diagonal and the entries it reads, so the caller does not scan them)."""
     nb, b = w.shape
     wd, h = w.to(finv.dtype).contiguous(), finv.contiguous()
     o, c = order.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
@@ -121,7 +126,23 @@ def obs_reconstruct(
     bad = _alloc.empty(nb, dtype=torch.uint8, device=w.device)
     _cpu.reconstruct(_p(wd), _p(h), _fp64(h), _p(o), _p(c), nb, b, o.shape[1], _p(w_out), _p(pruned), _p(bad),
                      _threads())  # fmt: skip
-    return w_out.to(w.dtype), pruned == 0, bad.bool()
+    return w_out.to(w.dtype), pruned == 0, bad  # uint8 codes: 1 retry/fail, 2 and 3 a bad order
+
+
+def prune_counts(losses: list[torch.Tensor], sparsity: float, exclude: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Global selection in one pass over the losses (running maximum, NaN/Inf check) and an O(N)
+    selection of the K-th key; same counts and tie-breaking as the reference."""
+    ls = [x if x.dtype in _FP else x.double() for x in losses]
+    ls = [x.contiguous() for x in ls]
+    ex = [None] * len(ls) if exclude is None else [e.to(torch.int64).contiguous() for e in exclude]
+    total = sum(x.shape[0] for x in ls)
+    counts = _alloc.empty(total, dtype=torch.int64, device=ls[0].device)
+    bad = _cpu.prune_counts([_p(x) for x in ls], [_fp64(x) for x in ls], [x.shape[0] for x in ls],
+                            [x.shape[1] for x in ls], [_p(e) for e in ex], float(sparsity), _p(counts))  # fmt: skip
+    if bad >= 0:
+        nonfinite = int((~torch.isfinite(losses[bad])).sum())
+        raise ValueError(f"losses[{bad}] contains {nonfinite} NaN/Inf value(s)")
+    return list(torch.split(counts, [x.shape[0] for x in ls]))
 
 
 def obs_scores(w: torch.Tensor, finv: torch.Tensor) -> torch.Tensor:
@@ -152,6 +173,7 @@ for _fn in (gram_update_, woodbury_update_):
 gram_update_.overwrites_fresh = True  # takes overwrite=True for the first chunk of a fresh state
 for _fn in (obs_prune_order, obs_reconstruct, obs_update_independent):
     _fn.scans_inputs = True  # and return the blocks they flag
+prune_counts.scans_inputs = True  # and names the layer with a NaN/Inf loss
 
 OPS = {
     "gram_update_": gram_update_,
@@ -159,6 +181,7 @@ OPS = {
     "woodbury_update_": woodbury_update_,
     "obs_prune_order": obs_prune_order,
     "obs_reconstruct": obs_reconstruct,
+    "prune_counts": prune_counts,
     "obs_scores": obs_scores,
     "obs_update_independent": obs_update_independent,
 }

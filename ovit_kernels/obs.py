@@ -208,7 +208,6 @@ def prune_counts(
     for i, loss in enumerate(layers):
         _checks.floating(f"losses[{i}]", loss)
         _checks.ndim(f"losses[{i}]", loss, 2, "(nb, steps)")
-        _checks.finite(f"losses[{i}]", loss)
     dev = _checks.same_device(**{f"losses[{i}]": x for i, x in enumerate(layers)})
     excl = None
     if exclude is not None:
@@ -223,8 +222,31 @@ def prune_counts(
             if bool(((e < 0) | (e > loss.shape[1])).any()):
                 raise ValueError(f"exclude[{i}] must lie in [0, {loss.shape[1]}]")
     _, fn = _backend.implementation(_backend.Case("prune_counts", dev), backend)
+    if not getattr(fn, "scans_inputs", False):
+        for i, loss in enumerate(layers):
+            _checks.finite(f"losses[{i}]", loss)
     out = fn(layers, s, excl)
     return out[0] if single else out
+
+
+def _check_order(order: torch.Tensor, b: int) -> None:
+    """Raise unless every row of ``order`` holds distinct positions in [0, b)."""
+    if bool(((order < 0) | (order >= b)).any()):
+        raise ValueError(f"order holds positions outside [0, {b})")
+    if order.shape[1] > 1:
+        srt = order.sort(dim=1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError("order repeats a position within a block")
+
+
+def _order_codes(bad: torch.Tensor, b: int) -> torch.Tensor:
+    """A scanning reconstruction kernel's (nb,) uint8 codes: raise for a bad ``order`` (2: a
+    position outside [0, b), 3: a repeated one); return the bool of blocks to retry (1)."""
+    if bool((bad == 2).any()):
+        raise ValueError(f"order holds positions outside [0, {b})")
+    if bool((bad == 3).any()):
+        raise ValueError("order repeats a position within a block")
+    return bad == 1
 
 
 def obs_reconstruct(
@@ -259,24 +281,22 @@ def obs_reconstruct(
         got = f"{counts.dtype} {tuple(counts.shape)}"
         raise ValueError(f"counts must be an integer tensor of shape ({nb},), got {got}")
     _checks.same_device(w_blocks=w_blocks, finv=finv, order=order, counts=counts)
-    if bool(((order < 0) | (order >= b)).any()):
-        raise ValueError(f"order holds positions outside [0, {b})")
-    if order.shape[1] > 1:
-        srt = order.sort(dim=1).values
-        if bool((srt[:, 1:] == srt[:, :-1]).any()):
-            raise ValueError("order repeats a position within a block")
     if bool(((counts < 0) | (counts > order.shape[1])).any()):
         raise ValueError(f"counts must lie in [0, {order.shape[1]}]")
     _, fn = _backend.implementation(_backend.Case("obs_reconstruct", finv.device, finv.dtype, b), backend)
     scans = getattr(fn, "scans_inputs", False)
-    if not scans:
+    if not scans:  # a scanning kernel checks the order, the diagonal and NaN/Inf as it reads them
+        _check_order(order, b)
         _checks.finite("w_blocks", w_blocks)
-    _positive_diag(finv, whole=not scans)
+        _positive_diag(finv)
     w_new, keep, bad = fn(w_blocks, finv, order, counts)
+    if scans:
+        bad = _order_codes(bad, b)
 
     def run64(idx: torch.Tensor) -> torch.Tensor:
         fn64 = _backend.implementation(_backend.Case("obs_reconstruct", finv.device, torch.float64, b), backend)[1]
         wn, kp, bd = fn64(w_blocks[idx], finv[idx].double(), order[idx], counts[idx])
+        bd = bd.bool()
         w_new[idx] = wn.to(w_new.dtype)
         keep[idx] = kp
         return ~bd

@@ -273,3 +273,75 @@ def test_cpu_kernels_report_nan_inputs_they_read(gen):
     h[2, 5, 5] = -1.0  # a non-positive pivot is refused before the kernel
     with pytest.raises(ok.NotPositiveDefiniteError, match=r"block\(s\) \[2\]"):
         ok.obs_update_independent(w, h, prune, check_pd=False, backend="cpu")
+
+
+@pytest.mark.skipif(not ok.available_backends()["cpu"].available, reason="the cpu backend is not built")
+@pytest.mark.parametrize("b", [1, 5, 37, 203])
+def test_cpu_reconstruct_every_count_matches_the_replay(b, gen):
+    """The CPU kernel solves H[S,S] v = w_S by a blocked Cholesky instead of replaying the
+    elimination: every count from 0 to B (panel and tile edges, S in elimination order with
+    pre-pruned entries first) against the float64 replay; float32 within rounding."""
+    nb = 3
+    _, h = random_fisher_inverse(nb, b, 2 * b + 3, 0.05, gen)
+    w = torch.randn(nb, b, generator=gen, dtype=torch.float64)
+    mask = torch.rand(nb, b, generator=gen) < 0.2
+    order, _ = ok.obs_prune_order(w, h, mask=mask, backend="reference")
+    ks = range(b + 1) if b <= 40 else [0, 1, 7, 8, 9, 63, 64, 100, 150, 195, 202, 203]
+    for k in ks:
+        counts = torch.tensor([k, max(0, k - 1), min(b, k + 3)])
+        want, keep_want = ok.obs_reconstruct(w, h, order, counts, backend="reference")
+        got, keep = ok.obs_reconstruct(w, h, order, counts, backend="cpu")
+        assert torch.equal(keep, keep_want)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        got32, keep32 = ok.obs_reconstruct(w.float(), h.float(), order, counts, backend="cpu")
+        assert torch.equal(keep32, keep_want)
+        torch.testing.assert_close(got32.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not ok.available_backends()["cpu"].available, reason="the cpu backend is not built")
+def test_cpu_reconstruct_checks_what_it_reads(gen):
+    """The kernel validates the order and scans the inputs itself (the caller skips its scans):
+    positions outside [0, B) and repeats are refused as on the other backends; NaN in the part of
+    H the Cholesky never reads (survivors × survivors), and a non-positive diagonal there, fail."""
+    w, h = torch.randn(3, 12, generator=gen, dtype=torch.float64), random_fisher_inverse(3, 12, 40, 0.1, gen)[1]
+    order = torch.stack([torch.randperm(12, generator=gen) for _ in range(3)])
+    counts = torch.tensor([4, 4, 4])
+    for backend in ("cpu", "reference"):
+        bad = order.clone()
+        bad[1, 11] = 12
+        with pytest.raises(ValueError, match="outside"):
+            ok.obs_reconstruct(w, h, bad, counts, backend=backend)
+        bad[1, 11] = bad[1, 10]
+        with pytest.raises(ValueError, match="repeats"):
+            ok.obs_reconstruct(w, h, bad, counts, backend=backend)
+        survivors = order[2, 4:]
+        i, j = int(survivors.max()), int(survivors.min())
+        for value, where in ((float("nan"), (i, j)), (-1.0, (i, i))):
+            hb = h.clone()
+            hb[2, where[0], where[1]] = hb[2, where[1], where[0]] = value
+            with pytest.raises(ok.NotPositiveDefiniteError, match=r"\[2\]"):
+                ok.obs_reconstruct(w, hb, order, counts, backend=backend)
+
+
+@pytest.mark.skipif(not ok.available_backends()["cpu"].available, reason="the cpu backend is not built")
+def test_cpu_global_selection_matches_the_reference(gen):
+    """Exactly K taken with the reference's tie-breaking (loss, layer, block, step), padding
+    excluded, float32 and float64 layers together; a NaN loss names its layer."""
+    for trial in range(20):
+        layers = []
+        for li in range(3):
+            nb, steps = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(1, 9, (1,), generator=gen))
+            x = torch.randint(0, 3, (nb, steps), generator=gen).double().cumsum(1)
+            if trial % 3 == 0:
+                x[:, 1:] -= 1e-3 * (torch.rand(nb, steps - 1, generator=gen) < 0.2)  # dips: the running maximum
+            layers.append(x.float() if li == 1 else x)
+        exclude = [torch.randint(0, x.shape[1] + 1, (x.shape[0],), generator=gen) for x in layers]
+        for s in (0.0, 0.25, 0.5, 0.9):
+            for ex in (None, exclude):
+                want = ok.prune_counts(layers, s, exclude=ex, backend="reference")
+                got = ok.prune_counts(layers, s, exclude=ex, backend="cpu")
+                for g, wt in zip(got, want):
+                    assert g.dtype == torch.int64 and torch.equal(g, wt)
+    layers[2][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"losses\[2\] contains 1 NaN"):
+        ok.prune_counts(layers, 0.5, backend="cpu")

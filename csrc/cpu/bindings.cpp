@@ -3,9 +3,11 @@
 // shapes, dtypes, devices and contiguity and allocated the outputs. The GIL is released while
 // the kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 
 #include "ovit_cpu.h"
 
@@ -26,7 +28,7 @@ void need_fp(int fp64) {
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "ovit-kernels CPU kernels: Gram, damped inverse, Woodbury, greedy elimination, replay, scores";
+  m.doc() = "ovit-kernels CPU kernels: Gram, damped inverse, Woodbury, greedy elimination, global selection, reconstruction, scores";
   m.attr("max_block_size") = kMaxBlock;
   m.def(
       "gram_update",
@@ -105,7 +107,24 @@ PYBIND11_MODULE(_cpu, m) {
                                         ptr<const int64_t>(counts), nb, B, steps, ptr<float>(w_out),
                                         ptr<uint8_t>(pruned), ptr<uint8_t>(bad), threads);
       },
-      "replay of a prefix of each block's order into w_out, pruned, bad");
+      "final weights of a prefix of each block's order (Cholesky of H[S,S]) into w_out, pruned, bad codes");
+  m.def(
+      "prune_counts",
+      [](const std::vector<uintptr_t>& loss, const std::vector<int>& fp64, const std::vector<int64_t>& nb,
+         const std::vector<int64_t>& steps, const std::vector<uintptr_t>& exclude, double sparsity,
+         uintptr_t counts) {
+        const size_t n = loss.size();
+        if (fp64.size() != n || nb.size() != n || steps.size() != n || exclude.size() != n)
+          throw std::invalid_argument("loss, fp64, nb, steps and exclude must have one entry per layer");
+        std::vector<ovit::cpu::LossLayer> layers(n);
+        for (size_t l = 0; l < n; ++l) {
+          need_fp(fp64[l]);
+          layers[l] = {ptr<const void>(loss[l]), fp64[l] == 1, nb[l], steps[l], ptr<const int64_t>(exclude[l])};
+        }
+        py::gil_scoped_release nogil;
+        return ovit::cpu::prune_counts(layers.data(), (int)n, sparsity, ptr<int64_t>(counts));
+      },
+      "global selection into counts (sum of nb); returns -1 or the first layer with a NaN/Inf loss");
   m.def(
       "scores",
       [](uintptr_t w, uintptr_t finv, int fp64, int64_t nb, int B, uintptr_t out, int threads) {

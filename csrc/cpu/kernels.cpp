@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -181,7 +182,7 @@ bool sweep_all(double* U, int B, SweepScratch& s) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Greedy elimination and its replay on one block: lower triangle (row i holds (i, j), j ≤ i), so
+// Greedy elimination of one block: lower triangle (row i holds (i, j), j ≤ i), so
 // the pivot's column is a contiguous row once the pivot sits at the last active position; the
 // diagonal, the weights and the N:M penalties are kept in arrays beside it, so that scoring,
 // the weight update and the argmin are vector loops.
@@ -249,10 +250,9 @@ int argmin_score(ElimScratch<T>& s, int n) {
   return q;
 }
 
-template <typename T, bool REPLAY>
+template <typename T>
 void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int nsteps, int nm_n, int nm_m,
-                     const int64_t* order_in, int64_t* order_out, T* loss_out, T* w_out, uint8_t* pruned_out,
-                     uint8_t* bad_out, ElimScratch<T>& s) {
+                     int64_t* order_out, T* loss_out, uint8_t* bad_out, ElimScratch<T>& s) {
   constexpr int V = 64 / sizeof(T);
   const int ld = (B + V - 1) / V * V;  // padded rows: the update runs in whole vectors
   s.L.assign((size_t)B * ld, T(0));
@@ -275,7 +275,7 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
   }
   s.pending.clear();
   for (int j = 0; j < B; ++j) {
-    const bool pre = !REPLAY && mask != nullptr && mask[j];
+    const bool pre = mask != nullptr && mask[j];
     s.w[j] = pre ? T(0) : w0[j];
     s.diag[j] = H0[(int64_t)j * B + j];
     s.pen[j] = T(0);
@@ -291,9 +291,7 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
   for (int t = 0; t < nsteps; ++t) {
     int q;
     T sq = T(0);
-    if (REPLAY) {
-      q = s.pos[order_in[t]];
-    } else if (next_pending < s.pending.size()) {
+    if (next_pending < s.pending.size()) {
       q = s.pos[s.pending[next_pending++]];
     } else {
       q = argmin_score(s, n);
@@ -306,11 +304,9 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     }
     const T d = s.diag[q];
     if (!(d > T(0)) || !std::isfinite(d) || !std::isfinite(sq)) bad = true;
-    if (!REPLAY) {
-      cum += sq / T(2);
-      order_out[t] = s.orig[q];
-      loss_out[t] = cum;
-    }
+    cum += sq / T(2);
+    order_out[t] = s.orig[q];
+    loss_out[t] = cum;
     const int p = n - 1;
     swap_positions(s, ld, q, p);
     T* __restrict h = s.h.data();
@@ -337,12 +333,235 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     }
     n = p;
   }
-  if (REPLAY) {
-    for (int j = 0; j < B; ++j) {
-      w_out[s.orig[j]] = j < n ? s.w[j] : T(0);
-      pruned_out[s.orig[j]] = j < n ? 0 : 1;
+  *bad_out = bad ? 1 : 0;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Reconstruction of one block without replaying the elimination: with S the first k positions
+// of the order, the final weights are the joint OBS solution w − H[:, S] v, v = H[S,S]⁻¹ w_S
+// (SPEC §3; the solution does not depend on the order within S). H[S,S] is gathered with S in
+// decreasing index order, so that each row of its upper form is a run of one row of H's lower
+// triangle read backwards (no scattered reads), and factored by a blocked Cholesky: k³/6
+// multiply-adds, mostly in rank-kChol updates of kRows rows at a time, against the
+// ≈ (B³ − (B − k)³)/6 of a replay, whose rank-one steps also update the rows of the survivors.
+// ---------------------------------------------------------------------------------------------
+
+// One vector of T (GCC vector extension), loaded and stored unaligned. 32 bytes: on the AVX-512
+// machine measured, 64-byte vectors ran these small-matrix loops slower (block 62 → 45 µs at k = 144).
+constexpr int kVecBytes = 32;
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(kVecBytes)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(kVecBytes)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Sum of a vector's lanes by halving (log₂ V dependent adds instead of V).
+template <typename T>
+inline T hsum(Vec<T> v) {
+  constexpr int V = kVecBytes / sizeof(T);
+  T t[V];
+  std::memcpy(t, &v, sizeof(v));
+  for (int w = V / 2; w >= 1; w /= 2)
+    for (int c = 0; c < w; ++c) t[c] += t[c + w];
+  return t[0];
+}
+
+constexpr int kChol = 8;  // panel width of the blocked Cholesky
+constexpr int kRows = 4;  // rows per register tile of its trailing update
+constexpr int kCols = 2;  // vectors per row of that tile
+
+template <typename T>
+struct RecScratch {
+  std::vector<T> A, z, vfull, delta;
+  std::vector<int> seen, idx;
+};
+
+// Cholesky A = UᵀU in place, upper form: A (k×k, row stride ld ≥ k rounded up to V, plus V;
+// k + kChol rows, zero past row k) holds A(i, j) at row i, column j ≥ i, and ends holding U
+// (= Lᵀ). Right-looking in panels of kChol rows; every loop runs along contiguous rows: the panel's
+// rows are scaled and updated by axpys, and the trailing rows by a rank-kChol update in kRows × V
+// register tiles whose vectors run left of the diagonal into scratch columns. Returns false at a
+// pivot that is not positive and finite.
+template <typename T>
+bool cholesky_upper(T* A, int ld, int k) {
+  constexpr int V = kVecBytes / sizeof(T);
+  for (int j0 = 0; j0 < k; j0 += kChol) {
+    const int pe = std::min(j0 + kChol, k);
+    for (int c = j0; c < pe; ++c) {  // the panel's rows
+      T* rc = A + (int64_t)c * ld;
+      T d = rc[c];
+      if (!(d > T(0)) || !std::isfinite(d)) return false;
+      d = std::sqrt(d);
+      rc[c] = d;
+      const T inv = T(1) / d;  // whole vectors: the rows are padded, zero past k
+      for (int j = c + 1; j < k; j += V) store<T>(rc + j, load<T>(rc + j) * inv);
+      for (int p = c + 1; p < pe; ++p) {
+        T* rp = A + (int64_t)p * ld;
+        const T a = rc[p];
+        for (int j = p; j < k; j += V) store<T>(rp + j, load<T>(rp + j) - a * load<T>(rc + j));
+      }
+    }
+    // trailing rows: A(i, c) −= Σ_p U(p, i) U(p, c) for pe ≤ i ≤ c, in register tiles of kRows
+    // rows × kCols vectors (kRows·kCols independent accumulators, enough to hide the FMA latency);
+    // the coefficients U(p, i) are broadcast from the panel's rows (zero past k); the vectors run
+    // left of the diagonal and past k into scratch columns
+    for (int i0 = pe; i0 < k; i0 += kRows) {
+      for (int c0 = i0; c0 < k; c0 += kCols * V) {
+        Vec<T> acc[kRows][kCols];
+        for (int r = 0; r < kRows; ++r)
+          for (int q = 0; q < kCols; ++q) acc[r][q] = load<T>(A + (int64_t)(i0 + r) * ld + c0 + q * V);
+        for (int p = 0; p < kChol; ++p) {
+          const T* prow = A + (int64_t)(j0 + p) * ld + c0;
+          const T* coef = A + (int64_t)(j0 + p) * ld + i0;
+          Vec<T> b[kCols];
+          for (int q = 0; q < kCols; ++q) b[q] = load<T>(prow + q * V);
+          for (int r = 0; r < kRows; ++r) {
+            const T cr = coef[r];
+            for (int q = 0; q < kCols; ++q) acc[r][q] -= cr * b[q];
+          }
+        }
+        for (int r = 0; r < kRows; ++r)
+          for (int q = 0; q < kCols; ++q) store<T>(A + (int64_t)(i0 + r) * ld + c0 + q * V, acc[r][q]);
+      }
     }
   }
+  return true;
+}
+
+// Dot product of n entries in vector partial sums (a vector loop without -ffast-math).
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int n) {
+  constexpr int V = kVecBytes / sizeof(T);
+  Vec<T> part = {};
+  int j = 0;
+  for (; j + V <= n; j += V) part += load<T>(a + j) * load<T>(b + j);
+  T s = hsum<T>(part);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// δ += H v for symmetric H (B×B) from its lower triangle: row x gives its dot with v to δ_x and
+// v_x times itself to δ before x. Returns Σ H(x, j)·0 over the triangle: NaN iff an entry read is
+// NaN or infinite (the reads double as the kernel's input scan).
+template <typename T>
+T sym_lower_matvec(const T* __restrict H, const T* __restrict v, T* __restrict delta, int B) {
+  constexpr int V = kVecBytes / sizeof(T);
+  Vec<T> pz = {};
+  T probe = T(0);
+  for (int x = 0; x < B; ++x) {
+    const T* __restrict row = H + (int64_t)x * B;
+    const T vx = v[x];
+    const Vec<T> vxv = Vec<T>{} + vx;
+    Vec<T> part = {};
+    int j = 0;
+    for (; j + V <= x; j += V) {
+      const Vec<T> h = load<T>(row + j);
+      part += h * load<T>(v + j);
+      pz += h * T(0);
+      store<T>(delta + j, load<T>(delta + j) + h * vxv);
+    }
+    T sum = row[x] * vx;
+    for (; j < x; ++j) {
+      const T h = row[j];
+      sum += h * v[j];
+      probe += h * T(0);
+      delta[j] += h * vx;
+    }
+    probe += row[x] * T(0);
+    delta[x] += sum + hsum<T>(part);
+  }
+  probe += hsum<T>(pz);
+  return probe;
+}
+
+// Codes of bad_out: 1 a pivot or a diagonal entry that was not positive, or NaN/Inf among what the
+// block reads (H's lower triangle, w);
+// 2 a position outside [0, B) in order; 3 a position repeated in order.
+template <typename T>
+void reconstruct_block(const T* w0, const T* H, const int64_t* ord, int steps, int k, int B, T* w_out,
+                       uint8_t* pruned_out, uint8_t* bad_out, RecScratch<T>& s) {
+  constexpr int V = kVecBytes / sizeof(T);
+  s.seen.assign(B, 0);
+  for (int t = 0; t < steps; ++t) {
+    const int64_t o = ord[t];
+    if (o < 0 || o >= B) {
+      *bad_out = 2;
+      return;
+    }
+    if (s.seen[o]++) {
+      *bad_out = 3;
+      return;
+    }
+  }
+  for (int x = 0; x < B; ++x) pruned_out[x] = 0;
+  for (int i = 0; i < k; ++i) pruned_out[ord[i]] = 1;
+  s.idx.clear();  // S in decreasing index order
+  for (int x = B - 1; x >= 0; --x)
+    if (pruned_out[x]) s.idx.push_back(x);
+  const int* idx = s.idx.data();
+  bool bad = false;
+  s.vfull.assign(B, T(0));
+  T* vfull = s.vfull.data();
+  if (k > 0) {
+    const int ld = (k + V - 1) / V * V + kCols * V;
+    const int rows = k + std::max(kRows, kChol);
+    if (s.A.size() < (size_t)rows * ld) s.A.resize((size_t)rows * ld);
+    s.z.assign(ld, T(0));  // padded like the rows: the solves run in whole vectors
+    T* A = s.A.data();
+    T* z = s.z.data();
+    for (int i = 0; i < k; ++i) {  // row i of the upper form: H(idx_i, idx_j), idx_j ≤ idx_i, zero elsewhere
+      const T* hrow = H + (int64_t)idx[i] * B;
+      T* row = A + (int64_t)i * ld;
+      std::fill(row, row + i, T(0));
+      for (int j = i; j < k; ++j) row[j] = hrow[idx[j]];
+      std::fill(row + k, row + ld, T(0));
+      z[i] = w0[idx[i]];
+    }
+    std::fill(A + (int64_t)k * ld, A + (int64_t)rows * ld, T(0));
+    bad = !cholesky_upper(A, ld, k);
+    if (!bad) {
+      for (int c = 0; c < k; ++c) {  // Uᵀ y = w_S, along U's rows
+        const T* row = A + (int64_t)c * ld;
+        const T yc = z[c] / row[c];
+        z[c] = yc;
+        for (int j = c + 1; j < k; j += V) store<T>(z + j, load<T>(z + j) - yc * load<T>(row + j));
+      }
+      for (int i = k - 1; i >= 0; --i) {  // U v = y
+        const T* row = A + (int64_t)i * ld;
+        z[i] = (z[i] - dot(row + i + 1, z + i + 1, k - i - 1)) / row[i];
+      }
+      for (int i = 0; i < k; ++i) vfull[idx[i]] = z[i];
+    }
+  }
+  s.delta.assign(B, T(0));
+  T probe = sym_lower_matvec(H, vfull, s.delta.data(), B);
+  for (int x = 0; x < B; ++x) {
+    probe += w0[x] * T(0);
+    bad |= !(H[(int64_t)x * B + x] > T(0));  // every diagonal entry, as the other backends' callers check
+  }
+  bad |= probe != T(0);
+  for (int x = 0; x < B; ++x) w_out[x] = pruned_out[x] ? T(0) : w0[x] - s.delta[x];
   *bad_out = bad ? 1 : 0;
 }
 
@@ -510,9 +729,8 @@ void prune_order(const T* w, const T* finv, const uint8_t* mask, int64_t nb, int
   if (nm_m > 0 && (B % nm_m != 0 || nm_n < 0 || nm_n >= nm_m)) throw std::invalid_argument("bad N:M pattern");
   std::vector<ElimScratch<T>> scratch(std::max(1, threads));
   parallel_for(nb, threads, [&](int64_t b, int tid) {
-    eliminate_block<T, false>(w + b * B, finv + b * (int64_t)B * B, mask == nullptr ? nullptr : mask + b * B, B,
-                              steps, nm_n, nm_m, nullptr, order + b * steps, loss + b * steps, nullptr, nullptr,
-                              bad + b, scratch[tid]);
+    eliminate_block<T>(w + b * B, finv + b * (int64_t)B * B, mask == nullptr ? nullptr : mask + b * B, B, steps,
+                       nm_n, nm_m, order + b * steps, loss + b * steps, bad + b, scratch[tid]);
   });
 }
 
@@ -520,12 +738,13 @@ template <typename T>
 void reconstruct(const T* w, const T* finv, const int64_t* order, const int64_t* counts, int64_t nb, int B,
                  int steps, T* w_out, uint8_t* pruned, uint8_t* bad, int threads) {
   check_block(B);
-  std::vector<ElimScratch<T>> scratch(std::max(1, threads));
+  if (steps < 0 || steps > B) throw std::invalid_argument("steps must lie in [0, B]");
+  std::vector<RecScratch<T>> scratch(std::max(1, threads));
   parallel_for(nb, threads, [&](int64_t b, int tid) {
     const int64_t c = counts[b];
     if (c < 0 || c > steps) throw std::invalid_argument("counts must lie in [0, steps]");
-    eliminate_block<T, true>(w + b * B, finv + b * (int64_t)B * B, nullptr, B, (int)c, 0, 0, order + b * steps,
-                             nullptr, nullptr, w_out + b * B, pruned + b * B, bad + b, scratch[tid]);
+    reconstruct_block<T>(w + b * B, finv + b * (int64_t)B * B, order + b * steps, steps, (int)c, B, w_out + b * B,
+                         pruned + b * B, bad + b, scratch[tid]);
   });
 }
 
@@ -571,6 +790,70 @@ void update_independent(const T* w, const T* finv, const uint8_t* prune, int64_t
       if (pb[i]) ob[i] = T(0);
     bad[b] = failed ? 1 : 0;
   });
+}
+
+// Global selection (SPEC §3) over the layers' cumulative losses: keys are the running maximum of
+// each block's losses past its excluded leading entries, in (layer, block, step) order; the K-th
+// smallest key is found by a selection (O(N)) on a copy, then each block takes its keys below it
+// and, in that same order, the first of the keys equal to it until exactly K are taken.
+int64_t prune_counts(const LossLayer* layers, int nlayers, double sparsity, int64_t* counts) {
+  int64_t total = 0;
+  for (int l = 0; l < nlayers; ++l) {
+    const LossLayer& L = layers[l];
+    for (int64_t b = 0; b < L.nb; ++b) {
+      const int64_t e = L.exclude == nullptr ? 0 : L.exclude[b];
+      if (e < 0 || e > L.steps) throw std::invalid_argument("exclude must lie in [0, steps]");
+      total += L.steps - e;
+    }
+  }
+  std::vector<double> keys((size_t)total);
+  int64_t n = 0;
+  for (int l = 0; l < nlayers; ++l) {
+    const LossLayer& L = layers[l];
+    bool finite = true;
+    for (int64_t b = 0; b < L.nb; ++b) {
+      const int64_t e = L.exclude == nullptr ? 0 : L.exclude[b];
+      double run = -std::numeric_limits<double>::infinity();
+      for (int64_t t = 0; t < L.steps; ++t) {
+        const int64_t at = b * L.steps + t;
+        const double x = L.fp64 ? static_cast<const double*>(L.loss)[at] : static_cast<const float*>(L.loss)[at];
+        finite &= std::isfinite(x);
+        run = x > run ? x : run;
+        if (t >= e) keys[(size_t)n++] = run;
+      }
+    }
+    if (!finite) return l;  // the caller names the layer
+  }
+  const int64_t K = (int64_t)std::floor(sparsity * (double)total + 0.5);
+  int64_t need = K;
+  double thr = 0.0;
+  if (K > 0) {
+    std::vector<double> sel(keys);
+    std::nth_element(sel.begin(), sel.begin() + (K - 1), sel.end());
+    thr = sel[(size_t)(K - 1)];
+    for (double x : keys) need -= x < thr;
+  }
+  n = 0;
+  int64_t out = 0;
+  for (int l = 0; l < nlayers; ++l) {
+    const LossLayer& L = layers[l];
+    for (int64_t b = 0; b < L.nb; ++b, ++out) {
+      const int64_t e = L.exclude == nullptr ? 0 : L.exclude[b];
+      const double* kb = keys.data() + n;
+      const int64_t len = L.steps - e;
+      n += len;
+      int64_t c = 0;
+      if (K > 0) {
+        while (c < len && kb[c] < thr) ++c;  // non-decreasing: the keys below form a prefix
+        while (c < len && need > 0 && kb[c] == thr) {
+          ++c;
+          --need;
+        }
+      }
+      counts[out] = c + e;
+    }
+  }
+  return -1;
 }
 
 #define OVIT_CPU_INSTANTIATE(T)                                                                                   \

@@ -44,10 +44,26 @@ template <typename T>
 void prune_order(const T* w, const T* finv, const uint8_t* mask, int64_t nb, int B, int steps, int nm_n, int nm_m,
                  int64_t* order, T* loss, uint8_t* bad, int threads);
 
-// Replay of the first counts[b] entries of order (nb, steps): w_out (nb, B), pruned (nb, B), bad (nb).
+// Final weights for the first counts[b] entries of order (nb, steps): the joint OBS solution by a
+// Cholesky of H[S,S] (no replay). w_out (nb, B), pruned (nb, B), bad (nb): 1 a pivot that was not
+// positive or NaN/Inf among the block's inputs, 2 a position of order outside [0, B), 3 a repeated one.
 template <typename T>
 void reconstruct(const T* w, const T* finv, const int64_t* order, const int64_t* counts, int64_t nb, int B,
                  int steps, T* w_out, uint8_t* pruned, uint8_t* bad, int threads);
+
+// One layer's input to the global selection: loss (nb, steps), float32 or float64; exclude (nb) or
+// null: leading entries of each block's order pruned anyway, outside N_total and K.
+struct LossLayer {
+  const void* loss;
+  bool fp64;
+  int64_t nb, steps;
+  const int64_t* exclude;
+};
+
+// Global selection (SPEC §3): counts (Σ nb) int64, k_b + exclude_b per block, exactly
+// K = ⌊s·N_total + ½⌋ taken, ties broken by (loss, layer, block, step). Returns -1, or the index
+// of the first layer holding a NaN/Inf loss (counts then unwritten).
+int64_t prune_counts(const LossLayer* layers, int nlayers, double sparsity, int64_t* counts);
 
 // ρ = w² / (2 diag H) (nb, B).
 template <typename T>

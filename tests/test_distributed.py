@@ -37,7 +37,7 @@ def data_of(n=16, batch=4, seed=0):
 KW = dict(block_size=16, num_grads=12, damp=1e-2, damp_mode="relative", fisher_dtype=torch.float64, grad_chunk=4)
 
 
-def _worker(rank, world, port, method, fail_rank, where, budget, pattern, out):
+def _worker(rank, world, port, method, fail_rank, where, budget, pattern, out, extra):
     join_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
@@ -67,9 +67,10 @@ def _worker(rank, world, port, method, fail_rank, where, budget, pattern, out):
         try:
             sparsity = None if pattern != "unstructured" else 0.6
             rep = ovit.distributed.distributed_prune(model, data_of(), sparsity, method=method, debug=True,
-                                                     memory_budget=budget, pattern=pattern, **KW)  # fmt: skip
+                                                     memory_budget=budget, pattern=pattern, **{**KW, **extra})  # fmt: skip
             torch.save({"state": model.state_dict(), "pruned": rep.total_pruned, "est": rep.est_loss_increase,
-                        "passes": rep.passes}, os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
+                        "passes": rep.passes, "notes": rep.notes, "grad_mode": rep.grad_mode, "samples": rep.samples},
+                       os.path.join(out, f"rank{rank}.pt"))  # fmt: skip
         except ovit.distributed.RankFailure as e:
             same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
             torch.save({"error": str(e), "unchanged": same}, os.path.join(out, f"rank{rank}.pt"))
@@ -84,8 +85,8 @@ def ovit_kernels_error(msg):
     return ok.NotPositiveDefiniteError(msg, [3])
 
 
-def run(method, fail_rank, tmp_path, world=2, where="elimination", budget=None, pattern="unstructured"):
-    args = (world, free_port(), method, fail_rank, where, budget, pattern, str(tmp_path))
+def run(method, fail_rank, tmp_path, world=2, where="elimination", budget=None, pattern="unstructured", extra=None):
+    args = (world, free_port(), method, fail_rank, where, budget, pattern, str(tmp_path), extra or {})
     mp.spawn(_worker, args=args, nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -117,6 +118,31 @@ def test_ranks_equal_one_process(method, budget, world, pattern, tmp_path):
     assert outs[0]["est"] == pytest.approx(rep.est_loss_increase, rel=1e-6)
 
 
+@pytest.mark.parametrize("extra", [dict(fisher_method="woodbury", damp_mode="absolute", damp=1e-3),
+                                   dict(grad_mode="per_sample", pass_batch_size=4)])  # fmt: skip
+def test_woodbury_and_per_sample_gradients_across_ranks(extra, tmp_path):
+    """Woodbury updates on the owners (gradients in rank order per chunk: equal up to rounding,
+    the sequence being order-free in exact arithmetic) and per-sample gradients formed by each
+    rank on its share: the masks and weights of one process on the same gradients."""
+    outs = run("ovit", None, tmp_path, extra=extra)
+    torch.manual_seed(0)
+    ref = TinyViT(dim=32, depth=1, heads=2)
+    data = data_of()
+    if extra.get("grad_mode") == "per_sample":  # 6 samples per rank: rank r took batch r whole, 2 of batch r + 2
+        order = [data[0], (data[2][0][:2], data[2][1][:2]), data[1], (data[3][0][:2], data[3][1][:2])]
+    else:
+        order = [data[i] for i in range(12)]
+    kw = {**{k: v for k, v in KW.items() if k != "grad_chunk"}, **extra}
+    rep = ovit.one_shot_prune(ref, order, 0.6, method="ovit", progress=False, **kw)
+    for o in outs:
+        assert o["pruned"] == rep.total_pruned
+        assert f"by {extra.get('fisher_method', 'gram')} updates" in o["notes"][0]
+        assert o["grad_mode"] == rep.grad_mode and o["samples"] == rep.samples
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(o["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+            assert torch.equal(o["state"][k] == 0, v == 0), k
+
+
 def test_a_failing_rank_fails_every_rank_and_changes_nothing(tmp_path):
     outs = run("ovit", 1, tmp_path)
     for o in outs:
@@ -128,6 +154,62 @@ def test_a_rank_failing_while_sampling_is_named_by_every_rank(tmp_path):
     for o in outs:
         assert "rank 0 failed during the gradient sampling" in o["error"] and "out of memory" in o["error"]
         assert o["unchanged"]
+
+
+class _DiesOnSecondBatch:
+    """The data of a rank whose process exits outright (no exception, no goodbye) mid-sampling."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        for i, item in enumerate(self.data):
+            if i == 2:
+                os._exit(3)
+            yield item
+
+
+def _dying_worker(rank, world, port, out, timeout_s):
+    import datetime
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    torch.manual_seed(0)
+    model = TinyViT(dim=32, depth=1, heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _DiesOnSecondBatch(data_of()) if rank == 1 else data_of()
+    t0 = time.perf_counter()
+    try:
+        ovit.distributed.distributed_prune(model, data, 0.6, **KW)
+        result = {"error": None}
+    except Exception as e:  # noqa: BLE001 - what the survivor saw, whatever it was
+        same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        result = {"error": f"{type(e).__name__}: {e}", "unchanged": same, "seconds": time.perf_counter() - t0}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    os._exit(0)  # no barrier or teardown: the peer is gone
+
+
+def test_a_rank_that_dies_outright_fails_the_others_within_the_timeout(tmp_path):
+    """Rank 1's process exits mid-sampling without a word: rank 0 raises a RankFailure saying it
+    lost contact (when the transport notices, at the latest at the group's timeout), its model
+    unchanged — it does not hang."""
+    ctx = mp.get_context("spawn")
+    port, timeout_s = free_port(), 20
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, str(tmp_path), timeout_s)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung after its peer died"
+    assert procs[1].exitcode == 3 and not (tmp_path / "rank1.pt").exists()
+    out = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert out["error"] is not None and out["error"].startswith("RankFailure: lost contact with the other ranks")
+    assert out["unchanged"] and out["seconds"] < timeout_s + 30
 
 
 def test_plan_a_job_on_the_meta_device(capsys, tmp_path):
@@ -163,9 +245,10 @@ def _cli_worker(rank, world, port, argv):
     assert main(argv) == 0
 
 
-def test_cli_prune_under_torchrun_style_launch(tmp_path):
+@pytest.mark.parametrize("grads", [["--grad-batch-size", "2"], ["--grad-mode", "per_sample", "--pass-batch-size", "2"]])
+def test_cli_prune_under_torchrun_style_launch(grads, tmp_path):
     """What `torchrun --nproc_per_node=2 -m ovit prune ...` does: each rank runs the CLI, which
-    initialises the process group; rank 0 writes the pruned model."""
+    initialises the process group; rank 0 writes the pruned model. Mini-batch and per-sample."""
     pytest.importorskip("timm")
     import json
 
@@ -173,11 +256,12 @@ def test_cli_prune_under_torchrun_style_launch(tmp_path):
     out = tmp_path / "pruned.pt"
     argv = ["prune", "--model", "vit_tiny_patch16_224", "--model-kwargs",
             json.dumps({"img_size": 32, "depth": 1, "num_classes": 2}), "--data", str(tmp_path / "data"),
-            "--sparsity", "0.5", "--block-size", "32", "--num-grads", "4", "--grad-batch-size", "2",
+            "--sparsity", "0.5", "--block-size", "32", "--num-grads", "4", *grads,
             "--damp", "1e-3", "--damp-mode", "relative", "--workers", "0", "--out", str(out)]  # fmt: skip
     mp.spawn(_cli_worker, args=(2, free_port(), argv), nprocs=2, join=True)
     rep = json.loads((tmp_path / "pruned.json").read_text())
     assert abs(rep["achieved_sparsity"] - 0.5) < 1e-3 and "2 ranks" in rep["notes"][0]
+    assert rep["grad_mode"] == ("per_sample" if "per_sample" in grads else "mini_batch")
     sd = torch.load(out, weights_only=True)
     assert (sd["blocks.0.mlp.fc1.weight"] == 0).float().mean() > 0.2
 

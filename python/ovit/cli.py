@@ -198,16 +198,17 @@ def _prune_on(args: argparse.Namespace, one_shot_prune, distributed: bool) -> in
     if distributed:
         from .distributed import distributed_prune
 
-        if per_sample or amp is not None:
-            raise ValueError("under torchrun, ovit prune runs mini-batch gradients without --amp for now")
+        if amp is not None:
+            raise ValueError("under torchrun, ovit prune runs without --amp for now")
         if not args.checkpoint and not os.path.isfile(args.model):
             from .distributed import broadcast_model
 
             broadcast_model(model)  # a randomly initialised model: rank 0's weights everywhere
         report = distributed_prune(model, loader, args.sparsity, method=args.method, block_size=args.block_size,
                                    num_grads=args.num_grads, damp=args.damp, damp_mode=args.damp_mode,
-                                   pattern=args.pattern, layers=args.layers, backend=args.backend,
-                                   debug=True)  # fmt: skip
+                                   grad_mode=args.grad_mode, grad_batch_size=group,
+                                   pass_batch_size=pass_size if per_sample else None, pattern=args.pattern,
+                                   layers=args.layers, backend=args.backend, debug=True)  # fmt: skip
         if dist.get_rank() != 0:  # every rank holds the same model (checked): rank 0 writes it
             return 0
     else:

@@ -12,18 +12,25 @@ are broadcast from their owners and every rank runs the same selection over all 
 counts, K and the tie-breaking equal a single process's. Before anything is written, the ranks
 agree: if any rank fails (an exception while sampling — heard before every exchange —, a
 non-positive-definite block, too little data), every rank raises an error naming that rank and
-its cause, and no model is changed. A rank that dies outright makes the others fail at the
-process group's timeout (``init_process_group(timeout=...)``), their models unchanged. The new
+its cause, and no model is changed. A rank that dies outright makes the others raise
+:class:`RankFailure` ("lost contact") as soon as the transport notices (gloo: the peer's
+connection closing) or at the latest at the process group's timeout
+(``init_process_group(timeout=...)``), their models unchanged. The new
 weights and masks are broadcast from the owners, so every rank ends with the same model
 (``checksum`` compares them).
 
-Not yet: the Woodbury method, per-sample gradients across ranks.
+The Fisher inverses come from the Gram (default) or from Woodbury updates on the owner (each
+owner applies the gathered gradients in rank order per chunk: the same inverse as one process up
+to rounding, since the Woodbury sequence is order-free in exact arithmetic); the gradients are
+mini-batch, per-sample or micro-batch ones (``grad_mode``, :mod:`ovit.sampling`), each rank
+forming its own share's.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +43,26 @@ import ovit_kernels as ok
 from . import stages
 from .layers import Layout, PrunableLayer, block_layout, select_layers
 from .pruner import LayerReport, PruneReport, _memory_budget, _parse_pattern, plan_memory
-from .sampling import sample_gradients
+from .sampling import grad_group, sample_gradients
 
 
 class RankFailure(RuntimeError):
     """A rank of the job failed during a pruning step; raised on every rank."""
+
+
+@contextmanager
+def _comm(what: str) -> Iterator[None]:
+    """Collectives of a step: a transport error (a peer gone, the group's timeout) becomes a
+    RankFailure that says so; nothing has been written to the model before the last of them."""
+    try:
+        yield
+    except RankFailure:
+        raise
+    except RuntimeError as e:
+        raise RankFailure(
+            f"lost contact with the other ranks during {what} ({type(e).__name__}: {e}); a rank died or the "
+            "process group's timeout passed; this rank's model was not changed"
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -117,10 +139,12 @@ class _ToOwners:
             dst = _global(self.group, owner)
             if rank == owner:
                 got = [torch.empty_like(part) for _ in range(world)]
-                dist.gather(part, got, dst=dst, group=self.group)
+                with _comm("the gradient exchange"):
+                    dist.gather(part, got, dst=dst, group=self.group)
                 self.accs[piece.name].update(torch.cat(got))
             else:
-                dist.gather(part, None, dst=dst, group=self.group)
+                with _comm("the gradient exchange"):
+                    dist.gather(part, None, dst=dst, group=self.group)
 
 
 def _my_share(data: Iterable, rank: int, world: int) -> Iterator:
@@ -140,7 +164,8 @@ def _agree(error: BaseException | None, group, what: str) -> None:
     world = dist.get_world_size(group)
     mine = None if error is None else f"{type(error).__name__}: {error}"
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
+    with _comm(what):
+        dist.all_gather_object(everyone, mine, group=group)
     failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
     if failed:
         r, e = failed[0]
@@ -179,9 +204,12 @@ def distributed_prune(
     damp: float = 1e-8,
     damp_mode: str = "absolute",
     grad_batch_size: int | None = None,
+    grad_mode: str = "mini_batch",
+    pass_batch_size: int | None = None,
     pattern: str = "unstructured",
     layers: str | Iterable[nn.Module | str] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    fisher_method: str = "gram",
     fisher_dtype: torch.dtype = torch.float32,
     grad_chunk: int = 16,
     memory_budget: int | None = None,
@@ -196,7 +224,9 @@ def distributed_prune(
     Every rank passes the same model (same weights: checked first) and the same ``data`` (an
     iterable of batches, in the same order); rank r uses batches r, r + W, r + 2W, …;
     ``num_grads`` is the total over ranks and must be a multiple of W (each rank takes
-    ``num_grads / W``). ``memory_budget``: bytes per rank
+    ``num_grads / W``); ``grad_mode`` and ``pass_batch_size`` as in :func:`ovit.one_shot_prune`,
+    ``fisher_method`` ``"gram"`` or ``"woodbury"`` (absolute damping only, as on one process).
+    ``memory_budget``: bytes per rank
     for the Fisher work (default as :func:`ovit.one_shot_prune`'s; the smallest over the ranks is
     used); a rank whose layers do not fit takes several passes over the data (layer groups, the
     single-GPU planner), and the others pass with it. Returns the same report on every rank; with
@@ -205,6 +235,11 @@ def distributed_prune(
     t_start = time.perf_counter()
     if method not in ("ovit", "woodfisher"):
         raise ValueError(f"distributed pruning runs 'ovit' or 'woodfisher', got {method!r}")
+    if fisher_method not in ("gram", "woodbury"):
+        raise ValueError(f"fisher_method must be 'gram' or 'woodbury', got {fisher_method!r}")
+    if fisher_method == "woodbury" and damp_mode != "absolute":
+        raise ValueError("fisher_method='woodbury' takes damp_mode='absolute' (relative damping needs the Gram)")
+    grad_group(grad_mode, grad_batch_size)  # refuses a bad pair before any collective
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call init_process_group first (e.g. under torchrun)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -217,7 +252,9 @@ def distributed_prune(
         raise ValueError(f"num_grads must be a positive multiple of the {world} ranks, got {num_grads!r}")
     loss_fn = loss_fn or F.cross_entropy
     device = next(model.parameters()).device
-    if not checksum(model, group):
+    with _comm("the check of the weights before pruning"):
+        same = checksum(model, group)
+    if not same:
         raise RankFailure("the ranks hold different weights before pruning: load the same checkpoint on every rank "
                           "(or broadcast rank 0's parameters)")  # fmt: skip
     chosen = select_layers(model, layers)
@@ -230,9 +267,11 @@ def distributed_prune(
 
     # --- memory: every rank's pieces planned by the single-GPU planner, under the smallest budget ----
     lim = torch.tensor([float(_memory_budget(device, memory_budget))], dtype=torch.float64, device=device)
-    dist.all_reduce(lim, op=dist.ReduceOp.MIN, group=group)
+    with _comm("the memory planning"):
+        dist.all_reduce(lim, op=dist.ReduceOp.MIN, group=group)
     budget = int(lim.item())
-    plans = [plan_memory(sh, budget, device, "gram", fisher_dtype, grad_chunk) if sh else None for sh in shards]
+    plans = [plan_memory(sh, budget, device, fisher_method, fisher_dtype, grad_chunk) if sh else None
+             for sh in shards]  # fmt: skip
     passes = max(len(pl.groups) for pl in plans if pl is not None)
     in_pass = [{pc.name for pl in plans if pl is not None and p < len(pl.groups) for pc in pl.groups[p]}
                for p in range(passes)]  # fmt: skip
@@ -248,15 +287,17 @@ def distributed_prune(
         layers_p = [ly for ly in players if any(pc.name in in_pass[p] for pc in pieces_of[ly.name])]
         mine_p = [pc for pc in shards[rank] if pc.name in in_pass[p]]
         accs = {pc.name: ok.FisherInverse(pc.layout.num_blocks * pc.layout.block_size, pc.layout.block_size, damp,
-                                          damp_mode=damp_mode, method="gram", dtype=fisher_dtype, device=device,
-                                          backend=backend, name=pc.name) for pc in mine_p}  # fmt: skip
+                                          num_grads if fisher_method == "woodbury" else None, damp_mode=damp_mode,
+                                          method=fisher_method, dtype=fisher_dtype, device=device, backend=backend,
+                                          name=pc.name) for pc in mine_p}  # fmt: skip
         sinks = {ly.name: _ToOwners([(pc, owner[pc.name]) for pc in pieces_of[ly.name] if pc.name in in_pass[p]],
                                     accs, group) for ly in layers_p}  # fmt: skip
         error: BaseException | None = None
         try:
             stats = sample_gradients(model, _my_share(data, rank, world), layers_p, sinks, num_grads // world,
                                      loss_fn=loss_fn, device=device, grad_batch_size=grad_batch_size,
-                                     chunk=grad_chunk, progress=progress)  # fmt: skip
+                                     grad_mode=grad_mode, pass_batch_size=pass_batch_size, chunk=grad_chunk,
+                                     progress=progress)  # fmt: skip
             if stats.gradients != num_grads // world:
                 raise ValueError(f"its share of the data gave {stats.gradients} of {num_grads // world} gradients")
             samples = max(samples, stats.samples)
@@ -296,7 +337,8 @@ def distributed_prune(
         for pc in pieces_of[ly.name]:
             n = pc.stop - pc.start
             t = src[pc.name] if owner[pc.name] == rank else torch.empty(n, steps, dtype=dt, device=device)
-            dist.broadcast(t, src=_global(group, owner[pc.name]), group=group)
+            with _comm("the global selection"):
+                dist.broadcast(t, src=_global(group, owner[pc.name]), group=group)
             parts.append(t)
         full[ly.name] = torch.cat(parts)
     selection = stages.select(players, spec, losses=full if method == "ovit" else None,
@@ -324,13 +366,15 @@ def distributed_prune(
             mine_pc = owner[pc.name] == rank
             w = new_w[pc.name].to(torch.float32) if mine_pc else torch.empty(n, b, device=device)
             k = keep[pc.name].to(torch.uint8) if mine_pc else torch.empty(n, b, dtype=torch.uint8, device=device)
-            dist.broadcast(w, src=_global(group, owner[pc.name]), group=group)
-            dist.broadcast(k, src=_global(group, owner[pc.name]), group=group)
+            with _comm("the exchange of the new weights"):
+                dist.broadcast(w, src=_global(group, owner[pc.name]), group=group)
+                dist.broadcast(k, src=_global(group, owner[pc.name]), group=group)
             ws.append(w)
             ks.append(k.bool())
         new_w[ly.name], keep[ly.name] = torch.cat(ws), torch.cat(ks)
     est_t = torch.tensor([est_local], dtype=torch.float64, device=device)
-    dist.all_reduce(est_t, group=group)
+    with _comm("the exchange of the new weights"):
+        dist.all_reduce(est_t, group=group)
     times["reconstruction"] = time.perf_counter() - t0
     stages.commit(players, new_w, keep)
     if debug and not checksum(model, group):
@@ -351,7 +395,9 @@ def distributed_prune(
         num_grads=int(num_grads),
         layers=reports,
         times=times,
-        notes=[f"{world} ranks; blocks per rank {[sum(pc.stop - pc.start for pc in sh) for sh in shards]}"],
+        notes=[f"{world} ranks; Fisher inverses by {fisher_method} updates on the owners; blocks per rank "
+               f"{[sum(pc.stop - pc.start for pc in sh) for sh in shards]}"],  # fmt: skip
+        grad_mode=grad_mode,
         samples=samples * world,
         passes=passes,
     )

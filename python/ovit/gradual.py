@@ -39,8 +39,8 @@ from .sampling import logits
 from .schedules import CyclicLinearLR, SparsitySchedule
 
 # the options of one_shot_prune that the distributed step takes too
-_DISTRIBUTED_OPTIONS = {"grad_batch_size", "loss_fn", "fisher_dtype", "grad_chunk", "memory_budget", "backend",
-                        "progress", "debug"}  # fmt: skip
+_DISTRIBUTED_OPTIONS = {"grad_batch_size", "grad_mode", "pass_batch_size", "loss_fn", "fisher_method", "fisher_dtype",
+                        "grad_chunk", "memory_budget", "backend", "progress", "debug"}  # fmt: skip
 
 
 class Pruner:

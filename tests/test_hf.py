@@ -57,3 +57,32 @@ def test_cli_prunes_a_save_pretrained_folder(tmp_path):
                  "--damp-mode", "relative", "--workers", "0", "--out", str(out)]) == 0  # fmt: skip
     rep = json.loads((tmp_path / "p.json").read_text())
     assert abs(rep["achieved_sparsity"] - 0.5) < 1e-3 and len(rep["layers"]) == 12
+
+
+def test_cli_prunes_a_hub_id_from_the_local_hub_cache(tmp_path):
+    """`ovit prune --model org/name`: the hub id goes to transformers, which resolves it here from
+    a Hugging Face cache laid out as a download leaves it (offline: nothing is fetched), in a
+    fresh process so that the cache location and offline mode take effect."""
+    import os
+    import subprocess
+    import sys
+
+    model, _ = tiny("deit")
+    snap = tmp_path / "hf" / "hub" / "models--ovit-test--tiny-deit" / "snapshots" / ("0" * 40)
+    model.save_pretrained(snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    image_folder(tmp_path, ("a", "b", "c"), 3, 40)
+    out = tmp_path / "p.safetensors"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    argv = ["prune", "--model", "ovit-test/tiny-deit", "--data", str(tmp_path / "data"), "--sparsity", "0.5",
+            "--block-size", "16", "--num-grads", "4", "--grad-batch-size", "2", "--damp", "1e-2",
+            "--damp-mode", "relative", "--workers", "0", "--out", str(out)]  # fmt: skip
+    res = subprocess.run([sys.executable, "-m", "ovit", *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert abs(rep["achieved_sparsity"] - 0.5) < 1e-3 and len(rep["layers"]) == 12
+    missing = subprocess.run([sys.executable, "-m", "ovit", *argv[:2], "ovit-test/absent", *argv[3:]], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert missing.returncode != 0 and "cannot load the transformers model 'ovit-test/absent'" in missing.stderr
+    assert "Traceback" not in missing.stderr

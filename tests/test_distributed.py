@@ -66,8 +66,9 @@ def _worker(rank, world, port, method, fail_rank, where, budget, pattern, out, e
             model.forward = flaky
         try:
             sparsity = None if pattern != "unstructured" else 0.6
+            kw = {**KW, **extra}
             rep = ovit.distributed.distributed_prune(model, data_of(), sparsity, method=method, debug=True,
-                                                     memory_budget=budget, pattern=pattern, **{**KW, **extra})  # fmt: skip
+                                                     memory_budget=budget, pattern=pattern, **kw)  # fmt: skip
             torch.save({"state": model.state_dict(), "pruned": rep.total_pruned, "est": rep.est_loss_increase,
                         "passes": rep.passes, "notes": rep.notes, "grad_mode": rep.grad_mode, "samples": rep.samples},
                        os.path.join(out, f"rank{rank}.pt"))  # fmt: skip

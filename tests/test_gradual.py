@@ -80,7 +80,7 @@ def test_a_failed_step_leaves_model_and_masks_untouched(monkeypatch):
     masks = {k: v.clone() for k, v in pruner.masks.items()}
     import ovit.gradual as gradual
 
-    real, calls = gradual.one_shot_prune, []
+    real, calls = gradual.run_step, []
 
     def second_fails(*a, **k):
         calls.append(1)
@@ -88,12 +88,23 @@ def test_a_failed_step_leaves_model_and_masks_untouched(monkeypatch):
             raise RuntimeError("injected")
         return real(*a, **k)
 
-    monkeypatch.setattr(gradual, "one_shot_prune", second_fails)
+    monkeypatch.setattr(gradual, "run_step", second_fails)
     with pytest.raises(RuntimeError, match="injected"):
         pruner.step(data_of(), 0.7, recomputations=2)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert all(torch.equal(pruner.masks[n], masks[n]) for n in masks) and pruner.step_count == 1
+    # one sub-step keeps no copy unless re-applying the masks changes weights: trained without
+    # hold, pruned weights drifted from zero; a failed step must leave the drift as it was
+    with torch.no_grad():
+        for n in pruner.names:
+            dict(model.named_modules())[n].weight.add_(1e-3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(gradual, "run_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        pruner.step(data_of(), 0.7)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
 
 
 def test_state_dict_round_trip_and_saved_model_outputs(tmp_path):

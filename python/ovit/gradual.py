@@ -1,7 +1,8 @@
 """The stateful pruner: persistent masks over a sequence of pruning steps (gradual pruning).
 
 :class:`Pruner` owns the selected layers and their masks (True = kept). Each :meth:`Pruner.step`
-is one pruning event run by :func:`ovit.one_shot_prune` on the current (already sparse) model —
+is one pruning event (the stage driver ``ovit.pruner.run_step``; :func:`ovit.one_shot_prune` is one
+step of a fresh Pruner) on the current (already sparse) model —
 masked gradient sampling, Fisher inverses, greedy elimination or the baselines' scores, global
 selection, reconstruction, commit — so weights pruned earlier stay pruned (they are zero, hence
 pre-pruned at zero loss, and their gradients are masked out of the Fisher), and a later step only
@@ -34,7 +35,7 @@ from torch import nn
 
 from .layers import select_layers
 from .masks import MaskHolder
-from .pruner import METHODS, PruneReport, one_shot_prune
+from .pruner import METHODS, PruneReport, run_step
 from .sampling import logits
 from .schedules import CyclicLinearLR, SparsitySchedule
 
@@ -83,6 +84,9 @@ class Pruner:
         for bad in ("sparsity", "fisher_cache", "layers"):
             if bad in options:
                 raise TypeError(f"{bad!r} is not an option of Pruner")
+        for name, v in (("num_grads", num_grads), ("block_size", block_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.model = model
         chosen = select_layers(model, layers)
         self.names = [n for n, _ in chosen]
@@ -169,13 +173,23 @@ class Pruner:
 
     # -- pruning ------------------------------------------------------------------------------
 
-    def step(self, data: Iterable, sparsity: float | None = None, *, recomputations: int = 1) -> PruneReport:
+    def step(
+        self,
+        data: Iterable,
+        sparsity: float | None = None,
+        *,
+        recomputations: int = 1,
+        fisher_cache: dict[str, torch.Tensor] | None = None,
+    ) -> PruneReport:
         """One pruning step to ``sparsity`` (of the selected weights; implied by an n:m
-        pattern), on the current model.
+        pattern), on the current model: the stages of ``ovit.stages`` driven once per sub-step
+        (masked sampling → Fisher → eliminate/score → select → reconstruct → commit).
 
         With ``recomputations=k`` the step is split into k sub-steps with a fresh Fisher each,
         their targets interpolated linearly from the current sparsity. Either the whole step
-        succeeds or the model and the masks are left as they were.
+        succeeds or the model and the masks are left as they were. ``fisher_cache``: gradient
+        statistics shared between steps on the same model, data and zeros (as in
+        :func:`ovit.one_shot_prune`, e.g. a damping search); one sub-step only.
 
         Returns:
             the :class:`PruneReport` of the last sub-step (all of them are in ``reports``).
@@ -186,6 +200,8 @@ class Pruner:
         """
         if int(recomputations) != recomputations or recomputations < 1:
             raise ValueError(f"recomputations must be a positive int, got {recomputations!r}")
+        if fisher_cache is not None and (recomputations != 1 or self.process_group is not None):
+            raise ValueError("fisher_cache serves one sub-step on one process: each recomputation needs a fresh Fisher")
         mods = self._modules()
         current = self.sparsity
         if sparsity is not None:
@@ -199,7 +215,12 @@ class Pruner:
             targets = [None] * int(recomputations)
         else:
             raise ValueError("sparsity is required for unstructured pruning")
-        saved = {n: mods[n].weight.detach().clone() for n in self.names}  # nothing half-written on failure
+        # nothing half-written on failure: one sub-step commits all or nothing by itself; a copy is kept when
+        # there are several, or when re-applying the masks below changes weights (trained without hold)
+        drifted = any(bool((mods[n].weight.detach() != 0).logical_and_(~self.masks[n].to(mods[n].weight.device)).any())
+                      for n in self.names)  # fmt: skip
+        keep_copy = len(targets) > 1 or drifted
+        saved = {n: mods[n].weight.detach().clone() for n in self.names} if keep_copy else None
         t0 = time.perf_counter()
         reports: list[PruneReport] = []
         try:
@@ -211,13 +232,13 @@ class Pruner:
                     reports.append(distributed_prune(self.model, data, t, layers=self.names, group=self.process_group,
                                                      **self.config, **self.options))  # fmt: skip
                 else:
-                    reports.append(
-                        one_shot_prune(self.model, data, t, layers=self.names, **self.config, **self.options)
-                    )
+                    reports.append(run_step(self.model, data, t, layers=self.names, fisher_cache=fisher_cache,
+                                            **self.config, **self.options))  # fmt: skip
         except BaseException:
-            with torch.no_grad():
-                for n in self.names:
-                    mods[n].weight.copy_(saved[n])
+            if saved is not None:
+                with torch.no_grad():
+                    for n in self.names:
+                        mods[n].weight.copy_(saved[n])
             raise
         new = {n: self.masks[n] & (mods[n].weight.detach() != 0).to(self.masks[n].device) for n in self.names}
         self.masks = new

@@ -1,6 +1,7 @@
-"""One-shot pruning of a model with the public API of ``ovit_kernels`` (SPEC §3): the driver that
+"""One pruning step of a model with the public API of ``ovit_kernels`` (SPEC §3): :func:`run_step`
 chains sampling, the Fisher (in layer groups when memory is short) and the stages of
-:mod:`ovit.stages` for one step; :class:`ovit.Pruner` drives it step after step."""
+:mod:`ovit.stages`; :class:`ovit.Pruner` runs it for each step (adding to persistent masks), and
+:func:`one_shot_prune` is one step of a fresh Pruner."""
 
 from __future__ import annotations
 
@@ -244,7 +245,8 @@ def one_shot_prune(
     progress: bool = True,
     fisher_cache: dict[str, torch.Tensor] | None = None,
 ) -> PruneReport:
-    """Prune ``model`` one-shot, in place, and return a :class:`PruneReport`.
+    """Prune ``model`` one-shot, in place, and return a :class:`PruneReport`: one step of a fresh
+    :class:`ovit.Pruner` (the same stages as every gradual, sharded or adapter flow).
 
     Args:
         model: any ``nn.Module``; its weights are changed only if the whole run succeeds.
@@ -291,6 +293,46 @@ def one_shot_prune(
             is folded into the state, and the cache keeps one per damping. It is only
             valid while the weights and their zeros, the data and ``num_grads`` are unchanged.
     """
+    from .gradual import Pruner
+
+    pruner = Pruner(model, layers=layers, method=method, block_size=block_size, pattern=pattern, damp=damp,
+                    damp_mode=damp_mode, num_grads=num_grads, grad_batch_size=grad_batch_size, grad_mode=grad_mode,
+                    pass_batch_size=pass_batch_size, loss_fn=loss_fn, fisher_method=fisher_method,
+                    fisher_dtype=fisher_dtype, amp_dtype=amp_dtype, memory_budget=memory_budget,
+                    grad_chunk=grad_chunk, backend=backend, progress=progress)  # fmt: skip
+    return pruner.step(data, sparsity, fisher_cache=fisher_cache)
+
+
+def run_step(
+    model: nn.Module,
+    data: Iterable,
+    sparsity: float | None = None,
+    *,
+    method: str = "ovit",
+    block_size: int = 192,
+    num_grads: int = 4096,
+    damp: float = 1e-8,
+    damp_mode: str = "absolute",
+    grad_batch_size: int | None = None,
+    grad_mode: str = "mini_batch",
+    pass_batch_size: int | None = None,
+    pattern: str = "unstructured",
+    layers: str | Iterable[nn.Module | str] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    fisher_method: str = "auto",
+    fisher_dtype: torch.dtype = torch.float32,
+    amp_dtype: torch.dtype | None = None,
+    memory_budget: int | None = None,
+    grad_chunk: int | None = None,
+    backend: str | None = None,
+    progress: bool = True,
+    fisher_cache: dict[str, torch.Tensor] | None = None,
+) -> PruneReport:
+    """The driver of one pruning event on ``model`` (the arguments of :func:`one_shot_prune`):
+    masked gradient sampling into the Fisher accumulators, inverses, elimination or scores
+    (``ovit.stages``), global selection, reconstruction and an all-or-nothing commit. Called by
+    :meth:`ovit.Pruner.step` for each of its sub-steps; use :func:`one_shot_prune` or a
+    :class:`ovit.Pruner`, which validate the step (masks, targets) around it."""
     t_start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -316,7 +358,7 @@ def one_shot_prune(
             "larger Fisher scale (E[ḡḡᵀ] ≈ F/g for g samples), so a λ tuned for mini-batches means a different "
             "method here; damp_mode='relative' follows the estimator",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=4,  # the caller of one_shot_prune (or of Pruner.step, one frame out)
         )
     loss_fn = loss_fn or F.cross_entropy
     params = list(model.parameters())

@@ -5,8 +5,9 @@ layer group, the layers of one shard) and per-layer dicts keyed by layer name, a
 per-layer results; only :func:`select` looks across layers (the global K), and it only needs the
 per-block losses or scores, which are small. Blocks are independent in every other stage, so a
 stage run on a subset of a layer's blocks gives those blocks' part of the result. The drivers —
-:func:`ovit.one_shot_prune` (one step, layer groups when memory is short) and
-:class:`ovit.Pruner` (steps that add to persistent masks) — chain them:
+``ovit.pruner.run_step`` (one step on one process, layer groups when memory is short; behind
+:class:`ovit.Pruner` and :func:`ovit.one_shot_prune`, one step of a fresh Pruner) and
+:func:`ovit.distributed.distributed_prune` (one step across ranks) — chain them:
 sample → Fisher → :func:`eliminate` / :func:`score` → :func:`select` → :func:`reconstruct` →
 :func:`commit`.
 """

@@ -2,6 +2,7 @@
 recomputations; all or nothing; state_dict), masks held through training (AdamW with weight
 decay and old moments, clipping, bfloat16 autocast, torch.compile) and the schedules."""
 
+import json
 import math
 
 import pytest
@@ -308,11 +309,17 @@ def test_gradual_demo_small(tmp_path, monkeypatch):
     from ovit.demo import DemoConfig, GradualConfig, run_gradual_demo
 
     base = DemoConfig(seeds=(0,), epochs=1, num_grads=8, out=str(tmp_path / "out"))
-    cfg = GradualConfig(base=base, seeds=(0,), initial=0.5, final=0.7, steps=2, every=1, hold=0, report=(0.7,),
+    cfg = GradualConfig(base=base, seeds=(0,), initial=0.5, final=0.7, steps=3, every=1, hold=0, report=(0.6, 0.7),
                         num_grads=8, one_shot_damps=(("relative", 1e-2),), out=str(tmp_path / "out"))  # fmt: skip
     out = run_gradual_demo(cfg, log=lambda *_: None)
     assert set(out["results"]) == {"ovit", "global_magnitude", "one-shot ovit"}
-    assert all(len(v["0.7"]) == 1 for v in out["results"].values())
+    assert all(len(v[s]) == 1 for v in out["results"].values() for s in ("0.6", "0.7"))
+    assert all(len(v[s]) == 1 for v in out["sweep_to_final"].values() for s in ("0.6", "0.7"))
+    # 60% has its own run (0.5 → 0.6, then the hold): its log ends at 60%; the run to 70% passes it
+    for m in ("ovit", "global_magnitude"):
+        own = json.loads((tmp_path / "out" / "gradual" / f"{m}_to0.60_seed0" / "log.json").read_text())
+        assert max(e["sparsity"] for e in own) == pytest.approx(0.6, abs=1e-3)
+        assert out["results"][m]["0.7"] == out["sweep_to_final"][m]["0.7"]
     assert (tmp_path / "out" / "digits_gradual.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="never reaches"):
         run_gradual_demo(GradualConfig(base=base, seeds=(0,), report=(0.93,), out=str(tmp_path / "out")))

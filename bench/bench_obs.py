@@ -20,7 +20,8 @@ BASELINE_FRACTION = 8
 def _problem(b: int):
     nb = N_SLICE // b
     x = torch.randn(nb, b, 2 * b, device="cuda")
-    h = torch.linalg.inv(x @ x.transpose(1, 2) / (2 * b) + 0.1 * torch.eye(b, device="cuda"))
+    f = x @ x.transpose(1, 2) / (2 * b) + 0.1 * torch.eye(b, device="cuda")
+    h = torch.cholesky_inverse(torch.linalg.cholesky(f))
     return torch.randn(nb, b, device="cuda"), h
 
 

@@ -62,7 +62,7 @@ def cell(b: int, mb: float, ratio: float, device: str, kernel: str, seeds: int =
         gb = g.view(m, 4, b)
         f = torch.einsum("kni,knj->nij", gb, gb) / m
         lam = ratio * float(torch.linalg.eigvalsh(f).max())
-        ref = torch.linalg.inv(f + lam * torch.eye(b, dtype=torch.float64))
+        ref = torch.cholesky_inverse(torch.linalg.cholesky(f + lam * torch.eye(b, dtype=torch.float64)))
         got = {
             "original rank-one fp32": fisher_rank_one(g.float().to(device), b, lam, m),
             "ovit Woodbury fp32, CPU/reference": woodbury(g, b, lam, "reference", device),

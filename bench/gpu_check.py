@@ -383,7 +383,9 @@ def section_obs(items: Items, sz: dict, rates: dict) -> None:
         nb = n // b
         scale_n = N_VITB / n
         x = torch.randn(nb, b, 2 * b, device=DEVICE)
-        h = torch.linalg.inv(x @ x.transpose(1, 2) / (2 * b) + 0.1 * torch.eye(b, device=DEVICE))
+        f = x @ x.transpose(1, 2) / (2 * b) + 0.1 * torch.eye(b, device=DEVICE)
+        h = torch.cholesky_inverse(torch.linalg.cholesky(f))
+        del f
         w = torch.randn(nb, b, device=DEVICE)
         del x
         nbb = max(1, nb // 16)

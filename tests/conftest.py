@@ -80,12 +80,19 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+def spd_inverse(f: torch.Tensor) -> torch.Tensor:
+    """Inverse of symmetric positive definite (..., B, B) blocks by Cholesky. Not torch.linalg.inv:
+    MKL's batched LU (getrf) has hung on such inputs after the thread count changed in the same
+    process, and has returned wrong values with a DLASWP parameter error."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(f))
+
+
 def random_fisher_inverse(nb: int, b: int, m: int, damp: float, gen: torch.Generator, dtype=torch.float64):
     """Exact float64 H = (λI + GᵀG/m)⁻¹ per block from random gradients; returns (grads, H)."""
     g = torch.randn(m, nb * b, generator=gen, dtype=torch.float64)
     gb = g.view(m, nb, b)
     f = torch.einsum("kni,knj->nij", gb, gb) / m + damp * torch.eye(b, dtype=torch.float64)
-    return g.to(dtype), torch.linalg.inv(f).to(dtype)
+    return g.to(dtype), spd_inverse(f).to(dtype)
 
 
 def linear_ref(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
@@ -154,7 +161,7 @@ def woodbury_accuracy_problems(b: int, gen: torch.Generator, nb: int = 2):
                 m = g.shape[0]
                 gb = g.view(m, nb, b)
                 f = torch.einsum("kni,knj->nij", gb, gb) / m + lam * torch.eye(b, dtype=torch.float64)
-                yield g, lam, torch.linalg.inv(f)
+                yield g, lam, spd_inverse(f)
 
 
 def diag_rel_err(h: torch.Tensor, ref: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ def joint_obs(w: torch.Tensor, h: torch.Tensor, s: list[int]) -> tuple[torch.Ten
     """w − H[:,S] H[S,S]⁻¹ w_S and ½ w_Sᵀ H[S,S]⁻¹ w_S for one block."""
     idx = torch.tensor(s, dtype=torch.int64)
     hss = h[idx][:, idx]
-    x = torch.linalg.solve(hss, w[idx])
+    x = torch.cholesky_solve(w[idx].unsqueeze(-1), torch.linalg.cholesky(hss)).squeeze(-1)
     out = w - h[:, idx] @ x
     out[idx] = 0
     return out, 0.5 * float(w[idx] @ x)

@@ -397,14 +397,16 @@ struct RecScratch {
   std::vector<int> seen, idx;
 };
 
-// Cholesky A = UᵀU in place, upper form: A (k×k, row stride ld ≥ k rounded up to V, plus V;
-// k + kChol rows, zero past row k) holds A(i, j) at row i, column j ≥ i, and ends holding U
-// (= Lᵀ). Right-looking in panels of kChol rows; every loop runs along contiguous rows: the panel's
-// rows are scaled and updated by axpys, and the trailing rows by a rank-kChol update in kRows × V
-// register tiles whose vectors run left of the diagonal into scratch columns. Returns false at a
-// pivot that is not positive and finite.
+// Cholesky A = UᵀU in place, upper form: A (k×k, row stride ld ≥ n rounded up to V, plus
+// kCols·V; k + kChol rows, zero past row k) holds A(i, j) at row i, column j ≥ i, and ends holding
+// U (= Lᵀ). Columns k..n−1 are right-hand sides b carried along: they end holding U⁻ᵀb (the
+// forward substitution, done by the same updates). Right-looking in panels of kChol rows; every
+// loop runs along contiguous rows: the panel's rows are scaled and updated by axpys, and the
+// trailing rows by a rank-kChol update in kRows × kCols-vector register tiles whose vectors run
+// left of the diagonal and past n into scratch columns. Returns false at a pivot that is not
+// positive and finite.
 template <typename T>
-bool cholesky_upper(T* A, int ld, int k) {
+bool cholesky_upper(T* A, int ld, int k, int n) {
   constexpr int V = kVecBytes / sizeof(T);
   for (int j0 = 0; j0 < k; j0 += kChol) {
     const int pe = std::min(j0 + kChol, k);
@@ -414,12 +416,12 @@ bool cholesky_upper(T* A, int ld, int k) {
       if (!(d > T(0)) || !std::isfinite(d)) return false;
       d = std::sqrt(d);
       rc[c] = d;
-      const T inv = T(1) / d;  // whole vectors: the rows are padded, zero past k
-      for (int j = c + 1; j < k; j += V) store<T>(rc + j, load<T>(rc + j) * inv);
+      const T inv = T(1) / d;  // whole vectors: the rows are padded, zero past n
+      for (int j = c + 1; j < n; j += V) store<T>(rc + j, load<T>(rc + j) * inv);
       for (int p = c + 1; p < pe; ++p) {
         T* rp = A + (int64_t)p * ld;
         const T a = rc[p];
-        for (int j = p; j < k; j += V) store<T>(rp + j, load<T>(rp + j) - a * load<T>(rc + j));
+        for (int j = p; j < n; j += V) store<T>(rp + j, load<T>(rp + j) - a * load<T>(rc + j));
       }
     }
     // trailing rows: A(i, c) −= Σ_p U(p, i) U(p, c) for pe ≤ i ≤ c, in register tiles of kRows
@@ -427,7 +429,7 @@ bool cholesky_upper(T* A, int ld, int k) {
     // the coefficients U(p, i) are broadcast from the panel's rows (zero past k); the vectors run
     // left of the diagonal and past k into scratch columns
     for (int i0 = pe; i0 < k; i0 += kRows) {
-      for (int c0 = i0; c0 < k; c0 += kCols * V) {
+      for (int c0 = i0; c0 < n; c0 += kCols * V) {
         Vec<T> acc[kRows][kCols];
         for (int r = 0; r < kRows; ++r)
           for (int q = 0; q < kCols; ++q) acc[r][q] = load<T>(A + (int64_t)(i0 + r) * ld + c0 + q * V);
@@ -524,10 +526,10 @@ void reconstruct_block(const T* w0, const T* H, const int64_t* ord, int steps, i
   s.vfull.assign(B, T(0));
   T* vfull = s.vfull.data();
   if (k > 0) {
-    const int ld = (k + V - 1) / V * V + kCols * V;
+    const int ld = (k + 1 + V - 1) / V * V + kCols * V;  // w_S rides along in column k
     const int rows = k + std::max(kRows, kChol);
     if (s.A.size() < (size_t)rows * ld) s.A.resize((size_t)rows * ld);
-    s.z.assign(ld, T(0));  // padded like the rows: the solves run in whole vectors
+    s.z.resize(k);
     T* A = s.A.data();
     T* z = s.z.data();
     for (int i = 0; i < k; ++i) {  // row i of the upper form: H(idx_i, idx_j), idx_j ≤ idx_i, zero elsewhere
@@ -535,18 +537,13 @@ void reconstruct_block(const T* w0, const T* H, const int64_t* ord, int steps, i
       T* row = A + (int64_t)i * ld;
       std::fill(row, row + i, T(0));
       for (int j = i; j < k; ++j) row[j] = hrow[idx[j]];
-      std::fill(row + k, row + ld, T(0));
-      z[i] = w0[idx[i]];
+      row[k] = w0[idx[i]];
+      std::fill(row + k + 1, row + ld, T(0));
     }
     std::fill(A + (int64_t)k * ld, A + (int64_t)rows * ld, T(0));
-    bad = !cholesky_upper(A, ld, k);
+    bad = !cholesky_upper(A, ld, k, k + 1);  // column k: y = U⁻ᵀ w_S
     if (!bad) {
-      for (int c = 0; c < k; ++c) {  // Uᵀ y = w_S, along U's rows
-        const T* row = A + (int64_t)c * ld;
-        const T yc = z[c] / row[c];
-        z[c] = yc;
-        for (int j = c + 1; j < k; j += V) store<T>(z + j, load<T>(z + j) - yc * load<T>(row + j));
-      }
+      for (int i = 0; i < k; ++i) z[i] = A[(int64_t)i * ld + k];
       for (int i = k - 1; i >= 0; --i) {  // U v = y
         const T* row = A + (int64_t)i * ld;
         z[i] = (z[i] - dot(row + i + 1, z + i + 1, k - i - 1)) / row[i];

@@ -217,9 +217,10 @@ class Pruner:
             raise ValueError("sparsity is required for unstructured pruning")
         # nothing half-written on failure: one sub-step commits all or nothing by itself; a copy is kept when
         # there are several, or when re-applying the masks below changes weights (trained without hold)
-        drifted = any(bool((mods[n].weight.detach() != 0).logical_and_(~self.masks[n].to(mods[n].weight.device)).any())
-                      for n in self.names)  # fmt: skip
-        keep_copy = len(targets) > 1 or drifted
+        keep_copy = len(targets) > 1 or any(
+            bool((mods[n].weight.detach() != 0).logical_and_(~self.masks[n].to(mods[n].weight.device)).any())
+            for n in self.names
+        )
         saved = {n: mods[n].weight.detach().clone() for n in self.names} if keep_copy else None
         t0 = time.perf_counter()
         reports: list[PruneReport] = []

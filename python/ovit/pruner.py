@@ -332,10 +332,9 @@ def run_step(
     masked gradient sampling into the Fisher accumulators, inverses, elimination or scores
     (``ovit.stages``), global selection, reconstruction and an all-or-nothing commit. Called by
     :meth:`ovit.Pruner.step` for each of its sub-steps; use :func:`one_shot_prune` or a
-    :class:`ovit.Pruner`, which validate the step (masks, targets) around it."""
+    :class:`ovit.Pruner`, which validate the step (masks, targets) around it and have already
+    checked ``method``, ``num_grads`` and ``block_size``."""
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     nm = _parse_pattern(pattern)
     if nm is not None:
         fixed = 1 - nm[0] / nm[1]
@@ -347,9 +346,6 @@ def run_step(
     sparsity = float(sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
-    for name, v in (("num_grads", num_grads), ("block_size", block_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
     num_grads, block_size = int(num_grads), int(block_size)
     grad_group(grad_mode, grad_batch_size)  # refuses a bad pair before any work
     if grad_mode != "mini_batch" and damp_mode == "absolute" and method in ("ovit", "woodfisher"):

@@ -8,7 +8,15 @@ can run here.
 from ._backend import BackendStatus, available_backends
 from .errors import BackendUnavailableError, NotPositiveDefiniteError, OvitError
 from .fisher import FisherInverse, fisher_inverse, fisher_quadratic, woodbury_update_
-from .obs import obs_prune_order, obs_reconstruct, obs_scores, obs_update_independent, prune_counts
+from .obs import (
+    obs_prune_order,
+    obs_prune_order_,
+    obs_reconstruct,
+    obs_reconstruct_factored,
+    obs_scores,
+    obs_update_independent,
+    prune_counts,
+)
 from .reference import working_set_bytes
 from .sparse import SparseLinear, sparsify, spmm
 from .sparse_formats import PackedWeight, pack, pack_bitmap, pack_bsr, pack_nm, unpack
@@ -27,7 +35,9 @@ __all__ = [
     "fisher_inverse",
     "fisher_quadratic",
     "obs_prune_order",
+    "obs_prune_order_",
     "obs_reconstruct",
+    "obs_reconstruct_factored",
     "obs_scores",
     "obs_update_independent",
     "pack",

@@ -79,19 +79,19 @@ def nm_pattern(nm: tuple[int, int] | None, block: int) -> tuple[int, int] | None
     return n, m
 
 
-def blocks_and_finv(w_blocks: torch.Tensor, finv: torch.Tensor) -> tuple[int, int]:
-    """Validate (nb, B) weights against (nb, B, B) inverses; return (nb, B)."""
+def blocks_and_finv(w_blocks: torch.Tensor, finv: torch.Tensor, finv_name: str = "finv") -> tuple[int, int]:
+    """Validate (nb, B) weights against (nb, B, B) inverses (named ``finv_name``); return (nb, B)."""
     floating("w_blocks", w_blocks)
-    floating("finv", finv, FISHER_DTYPES)
+    floating(finv_name, finv, FISHER_DTYPES)
     ndim("w_blocks", w_blocks, 2, "(nb, B)")
-    ndim("finv", finv, 3, "(nb, B, B)")
+    ndim(finv_name, finv, 3, "(nb, B, B)")
     nb, b = w_blocks.shape
     if tuple(finv.shape) != (nb, b, b):
         raise ValueError(
-            f"finv must have shape (nb, B, B) = ({nb}, {b}, {b}) to match w_blocks {tuple(w_blocks.shape)}, "
+            f"{finv_name} must have shape (nb, B, B) = ({nb}, {b}, {b}) to match w_blocks {tuple(w_blocks.shape)}, "
             f"got {tuple(finv.shape)}"
         )
-    same_device(w_blocks=w_blocks, finv=finv)
+    same_device(w_blocks=w_blocks, **{finv_name: finv})
     return nb, b
 
 

@@ -186,6 +186,40 @@ def _probe_reconstruct(fn: Callable, case: Case, gen: torch.Generator) -> tuple[
     return r["ok"], r["text"]
 
 
+def _probe_prune_order_(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
+    """The order, the losses and the factor left in the inverses' storage, against the reference."""
+    w, h, mask, nm = _elimination_problem(case, gen)
+    f_ref = h.clone()
+    o_ref, l_ref, _ = reference.obs_prune_order_(w, f_ref, mask, nm)
+    fac = h.to(case.dtype).contiguous()
+    order, loss, bad = fn(w.to(case.dtype), fac, mask, nm)
+    if bool(bad.any()):
+        return False, f"flagged blocks {bad.nonzero().flatten().tolist()} as failed on a positive definite input"
+    steps = o_ref.shape[1] if case.dtype == torch.float64 else max(1, o_ref.shape[1] // 2)
+    text = _order_mismatch(order, o_ref, steps)
+    if text is not None:
+        return False, text
+    r = mismatch(loss[:, :steps], l_ref[:, :steps], TOLERANCE[case.dtype])
+    if not r["ok"]:
+        return False, r["text"]
+    r = mismatch(fac[:, :, :steps], f_ref[:, :, :steps], TOLERANCE[case.dtype])
+    return r["ok"], "factor: " + r["text"]
+
+
+def _probe_reconstruct_factored(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
+    """Final weights from the reference's factor against the reference's replay."""
+    w, h, _, _ = _elimination_problem(case, gen)
+    fac = h.clone()
+    order, _, _ = reference.obs_prune_order_(w, fac, None, None)
+    counts = torch.tensor([case.block // 2, case.block], device=case.device)
+    w_ref, keep_ref, _ = reference.obs_reconstruct(w, h, order, counts)
+    w_out, keep, bad = fn(w.to(case.dtype), fac.to(case.dtype), order, counts)
+    if bool(bad.any()) or not torch.equal(keep.cpu(), keep_ref.cpu()):
+        return False, "the kept/pruned mask differs from the reference"
+    r = mismatch(w_out, w_ref, TOLERANCE[case.dtype])
+    return r["ok"], r["text"]
+
+
 def _probe_scores(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
     w, h, _, _ = _elimination_problem(case, gen)
     r = mismatch(fn(w.to(case.dtype), h.to(case.dtype)), reference.obs_scores(w, h), TOLERANCE[case.dtype])
@@ -255,7 +289,9 @@ PROBES: dict[str, Callable[[Callable, Case, torch.Generator], tuple[bool, str]]]
     "woodbury_update_": _probe_woodbury,
     "gram_inverse": _probe_gram_inverse,
     "obs_prune_order": _probe_prune_order,
+    "obs_prune_order_": _probe_prune_order_,
     "obs_reconstruct": _probe_reconstruct,
+    "obs_reconstruct_factored": _probe_reconstruct_factored,
     "obs_scores": _probe_scores,
     "obs_update_independent": _probe_update_independent,
     "spmm": _probe_spmm,

@@ -8,7 +8,9 @@ Woodbury update as rank-k steps in float64 — and threads take blocks from a sh
 barrier: a thread slowed by other work on the machine costs only the blocks it holds). The
 number of threads is ``torch.get_num_threads()``. float32 and float64; blocks up to 4096. The
 final weights are the joint OBS solution by a Cholesky of H[S,S] per block (k³/6 multiply-adds,
-against ≈ (B³ − (B − k)³)/6 for a replay); the global selection is an O(N) selection.
+against ≈ (B³ − (B − k)³)/6 for a replay), or, after the in-place elimination that leaves its
+factor in the inverse's storage, one dot product per surviving weight ((B − k)·k multiply-adds
+per block); the global selection is an O(N) selection.
 
 ``ovit_kernels._cpu`` is built by ``setup.py`` whenever a C++ compiler is present, with or without
 CUDA; without it the backend is unavailable and says why (``available_backends()``), and the
@@ -96,19 +98,36 @@ def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_grads: float) 
                                 float(num_grads), WOODBURY_RANK, _threads())  # fmt: skip
 
 
-def obs_prune_order(
-    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None
+def _prune_order(
+    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None, in_place: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nb, b = w.shape
     steps = reference.prune_steps(b, nm)
     order = _alloc.empty(nb, steps, dtype=torch.int64, device=w.device)
     loss = _alloc.empty(nb, steps, dtype=finv.dtype, device=w.device)
     bad = _alloc.empty(nb, dtype=torch.uint8, device=w.device)
+    if in_place and not finv.is_contiguous():
+        raise ValueError("finv must be contiguous to be overwritten with the elimination's factor")
     wd, h = w.to(finv.dtype).contiguous(), finv.contiguous()
     m8 = None if mask is None else mask.contiguous().view(torch.uint8)
     n, m = nm if nm is not None else (0, 0)
-    _cpu.prune_order(_p(wd), _p(h), _fp64(h), _p(m8), nb, b, steps, n, m, _p(order), _p(loss), _p(bad), _threads())
+    _cpu.prune_order(_p(wd), _p(h), _fp64(h), _p(m8), nb, b, steps, n, m, _p(order), _p(loss), _p(bad),
+                     _p(h) if in_place else 0, _threads())  # fmt: skip
     return order, loss, bad.bool()
+
+
+def obs_prune_order(
+    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _prune_order(w, finv, mask, nm, in_place=False)
+
+
+def obs_prune_order_(
+    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The elimination, leaving its factor in each block of ``finv`` that succeeded (one extra
+    B² write per block, from the block's scratch; a failed block keeps its input)."""
+    return _prune_order(w, finv, mask, nm, in_place=True)
 
 
 def obs_reconstruct(
@@ -127,6 +146,23 @@ def obs_reconstruct(
     _cpu.reconstruct(_p(wd), _p(h), _fp64(h), _p(o), _p(c), nb, b, o.shape[1], _p(w_out), _p(pruned), _p(bad),
                      _threads())  # fmt: skip
     return w_out.to(w.dtype), pruned == 0, bad  # uint8 codes: 1 retry/fail, 2 and 3 a bad order
+
+
+def obs_reconstruct_factored(
+    w: torch.Tensor, factor: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final weights from the elimination's factor: one dot product of a row prefix per
+    survivor, (B − k)·k multiply-adds per block. Same outputs and codes as :func:`obs_reconstruct`
+    (1 here: NaN/Inf among what a block reads or produces)."""
+    nb, b = w.shape
+    wd, f = w.to(factor.dtype).contiguous(), factor.contiguous()
+    o, c = order.to(torch.int64).contiguous(), counts.to(torch.int64).contiguous()
+    w_out = _alloc.empty(nb, b, dtype=factor.dtype, device=w.device)
+    pruned = _alloc.empty(nb, b, dtype=torch.uint8, device=w.device)
+    bad = _alloc.empty(nb, dtype=torch.uint8, device=w.device)
+    _cpu.reconstruct_factored(_p(wd), _p(f), _fp64(f), _p(o), _p(c), nb, b, o.shape[1], _p(w_out), _p(pruned),
+                              _p(bad), _threads())  # fmt: skip
+    return w_out.to(w.dtype), pruned == 0, bad
 
 
 def prune_counts(losses: list[torch.Tensor], sparsity: float, exclude: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -171,7 +207,7 @@ def obs_update_independent(
 for _fn in (gram_update_, woodbury_update_):
     _fn.counts_nonfinite = True
 gram_update_.overwrites_fresh = True  # takes overwrite=True for the first chunk of a fresh state
-for _fn in (obs_prune_order, obs_reconstruct, obs_update_independent):
+for _fn in (obs_prune_order, obs_prune_order_, obs_reconstruct, obs_reconstruct_factored, obs_update_independent):
     _fn.scans_inputs = True  # and return the blocks they flag
 prune_counts.scans_inputs = True  # and names the layer with a NaN/Inf loss
 
@@ -180,7 +216,9 @@ OPS = {
     "gram_inverse": gram_inverse,
     "woodbury_update_": woodbury_update_,
     "obs_prune_order": obs_prune_order,
+    "obs_prune_order_": obs_prune_order_,
     "obs_reconstruct": obs_reconstruct,
+    "obs_reconstruct_factored": obs_reconstruct_factored,
     "prune_counts": prune_counts,
     "obs_scores": obs_scores,
     "obs_update_independent": obs_update_independent,

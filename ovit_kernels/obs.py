@@ -148,6 +148,49 @@ def obs_prune_order(
     Raises:
         NotPositiveDefiniteError: a block meets a pivot H_qq <= 0 even after a float64 retry.
     """
+    return _prune_order(w_blocks, finv, mask, nm, backend, in_place=False)
+
+
+def obs_prune_order_(
+    w_blocks: torch.Tensor,
+    finv: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`obs_prune_order` that leaves the elimination's factor in ``finv`` (in place).
+
+    For when the inverses are not needed afterwards (one pruning step): the final weights of any
+    prefix of the order then cost one dot product per surviving weight
+    (:func:`obs_reconstruct_factored`) instead of a factorisation per block, and no weight trace
+    is stored — the factor takes the inverses' own memory. Block b of ``finv`` ends holding
+
+    F[x, t] = H_t[x, q_t] / H_t[q_t, q_t] for a position x still present at step t (H_t the
+    downdated inverse before step t, q_t = order[b, t]); F[q_t, t] = the weight at q_t just
+    before step t (0 for a masked entry); 0 elsewhere (every column t ≥ steps).
+
+    Args and returns as :func:`obs_prune_order`; ``finv`` must be contiguous.
+
+    Raises:
+        NotPositiveDefiniteError: as :func:`obs_prune_order`; ``finv`` then holds the factor of
+            the blocks that succeeded and the input of those that did not.
+        ValueError: bad arguments (``finv`` untouched).
+    """
+    _checks.tensor("finv", finv)
+    if not finv.is_contiguous():
+        raise ValueError("finv must be contiguous to be overwritten with the elimination's factor")
+    return _prune_order(w_blocks, finv, mask, nm, backend, in_place=True)
+
+
+def _prune_order(
+    w_blocks: torch.Tensor,
+    finv: torch.Tensor,
+    mask: torch.Tensor | None,
+    nm: tuple[int, int] | None,
+    backend: str | None,
+    in_place: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     nb, b = _checks.blocks_and_finv(w_blocks, finv)
     _checks.bool_mask("mask", mask, (nb, b), finv.device)
     nm = _checks.nm_pattern(nm, b)
@@ -157,7 +200,8 @@ def obs_prune_order(
         if bool((lost > m - n).any()):
             raise ValueError(f"mask already prunes more than {m - n} of {m} entries in some N:M group")
     variant = "+".join(v for v in ("mask" if mask is not None else "", f"nm={nm[0]}:{nm[1]}" if nm else "") if v)
-    _, fn = _backend.implementation(_backend.Case("obs_prune_order", finv.device, finv.dtype, b, variant), backend)
+    op = "obs_prune_order_" if in_place else "obs_prune_order"
+    _, fn = _backend.implementation(_backend.Case(op, finv.device, finv.dtype, b, variant), backend)
     scans = getattr(fn, "scans_inputs", False)  # the kernel flags blocks with NaN/Inf inputs itself
     if not scans:
         _checks.finite("w_blocks", w_blocks)
@@ -166,10 +210,14 @@ def obs_prune_order(
 
     def run64(idx: torch.Tensor) -> torch.Tensor:
         sub_mask = None if mask is None else mask[idx]
-        case64 = _backend.Case("obs_prune_order", finv.device, torch.float64, b, variant)
-        o, ls, bd = _backend.implementation(case64, backend)[1](w_blocks[idx], finv[idx].double(), sub_mask, nm)
+        case64 = _backend.Case(op, finv.device, torch.float64, b, variant)
+        sub = finv[idx].double()  # a failed block still holds its input
+        o, ls, bd = _backend.implementation(case64, backend)[1](w_blocks[idx], sub, sub_mask, nm)
         order[idx] = o.to(order.dtype)
         loss[idx] = ls.to(loss.dtype)
+        if in_place:
+            done = ~bd
+            finv[idx[done]] = sub[done].to(finv.dtype)
         return ~bd
 
     still = _retry_fp64(bad, finv, run64)
@@ -249,6 +297,26 @@ def _order_codes(bad: torch.Tensor, b: int) -> torch.Tensor:
     return bad == 1
 
 
+def _reconstruct_args(
+    w_blocks: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, name: str
+) -> tuple[int, int]:
+    nb, b = _checks.blocks_and_finv(w_blocks, finv, finv_name=name)
+    _checks.tensor("order", order)
+    _checks.tensor("counts", counts)
+    if order.dtype.is_floating_point or order.dtype == torch.bool or order.dim() != 2 or order.shape[0] != nb:
+        got = f"{order.dtype} {tuple(order.shape)}"
+        raise ValueError(f"order must be an integer tensor of shape ({nb}, steps), got {got}")
+    if order.shape[1] > b:
+        raise ValueError(f"order has {order.shape[1]} steps, more than the block size {b}")
+    if counts.dtype.is_floating_point or counts.dtype == torch.bool or tuple(counts.shape) != (nb,):
+        got = f"{counts.dtype} {tuple(counts.shape)}"
+        raise ValueError(f"counts must be an integer tensor of shape ({nb},), got {got}")
+    _checks.same_device(w_blocks=w_blocks, **{name: finv}, order=order, counts=counts)
+    if bool(((counts < 0) | (counts > order.shape[1])).any()):
+        raise ValueError(f"counts must lie in [0, {order.shape[1]}]")
+    return nb, b
+
+
 def obs_reconstruct(
     w_blocks: torch.Tensor,
     finv: torch.Tensor,
@@ -269,20 +337,7 @@ def obs_reconstruct(
         ``(w_new, keep)``: (nb, B) weights in ``w_blocks.dtype`` with the pruned entries zero,
         and a (nb, B) bool mask, True where a weight is kept.
     """
-    nb, b = _checks.blocks_and_finv(w_blocks, finv)
-    _checks.tensor("order", order)
-    _checks.tensor("counts", counts)
-    if order.dtype.is_floating_point or order.dtype == torch.bool or order.dim() != 2 or order.shape[0] != nb:
-        got = f"{order.dtype} {tuple(order.shape)}"
-        raise ValueError(f"order must be an integer tensor of shape ({nb}, steps), got {got}")
-    if order.shape[1] > b:
-        raise ValueError(f"order has {order.shape[1]} steps, more than the block size {b}")
-    if counts.dtype.is_floating_point or counts.dtype == torch.bool or tuple(counts.shape) != (nb,):
-        got = f"{counts.dtype} {tuple(counts.shape)}"
-        raise ValueError(f"counts must be an integer tensor of shape ({nb},), got {got}")
-    _checks.same_device(w_blocks=w_blocks, finv=finv, order=order, counts=counts)
-    if bool(((counts < 0) | (counts > order.shape[1])).any()):
-        raise ValueError(f"counts must lie in [0, {order.shape[1]}]")
+    nb, b = _reconstruct_args(w_blocks, finv, order, counts, "finv")
     _, fn = _backend.implementation(_backend.Case("obs_reconstruct", finv.device, finv.dtype, b), backend)
     scans = getattr(fn, "scans_inputs", False)
     if not scans:  # a scanning kernel checks the order, the diagonal and NaN/Inf as it reads them
@@ -304,4 +359,50 @@ def obs_reconstruct(
     still = _retry_fp64(bad, finv, run64)
     if still.numel():
         raise NotPositiveDefiniteError("reconstruction failed", still.tolist(), hint=_PIVOT_HINT)
+    return w_new, keep
+
+
+def obs_reconstruct_factored(
+    w_blocks: torch.Tensor,
+    factor: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final weights from the factor :func:`obs_prune_order_` left: the same joint OBS solution
+    as :func:`obs_reconstruct` for the first ``counts[b]`` entries of each order, computed as
+    w − Σ_{t<k} F[q_t, t] · F[:, t] ((B − k)·k multiply-adds per block, no factorisation).
+
+    Args:
+        w_blocks: (nb, B) weights as given to :func:`obs_prune_order_`.
+        factor: (nb, B, B) float32/float64, ``finv`` after :func:`obs_prune_order_`.
+        order: (nb, steps) integer positions from :func:`obs_prune_order_`.
+        counts: (nb,) integers in [0, steps] from :func:`prune_counts`.
+        mask: the ``mask`` given to :func:`obs_prune_order_`, if any (its entries count as 0,
+            as the elimination took them).
+
+    Returns:
+        ``(w_new, keep)`` as :func:`obs_reconstruct`.
+
+    Raises:
+        ValueError: bad arguments, or a NaN/Inf among the weights, the multipliers read or the
+            results (a factor that did not come from a successful elimination).
+    """
+    nb, b = _reconstruct_args(w_blocks, factor, order, counts, "factor")
+    _checks.bool_mask("mask", mask, (nb, b), factor.device)
+    if mask is not None:
+        w_blocks = w_blocks.masked_fill(mask, 0)
+    _, fn = _backend.implementation(_backend.Case("obs_reconstruct_factored", factor.device, factor.dtype, b), backend)
+    scans = getattr(fn, "scans_inputs", False)
+    if not scans:
+        _check_order(order, b)
+    w_new, keep, bad = fn(w_blocks, factor, order, counts)
+    bad = _order_codes(bad, b) if scans else bad
+    if bool(bad.any()):
+        raise ValueError(
+            f"NaN/Inf in the weights, the factor or the results of blocks {bad.nonzero().flatten().tolist()[:20]}: "
+            "the factor must come from a successful obs_prune_order_ on these weights"
+        )
     return w_new, keep

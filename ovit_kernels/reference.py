@@ -197,13 +197,42 @@ def obs_prune_order(
     loss = torch.empty(nb, steps, dtype=finv.dtype, device=w.device)
     bad = torch.empty(nb, dtype=torch.bool, device=w.device)
     for sl in _block_pieces(nb, b * b * finv.element_size()):
-        order[sl], loss[sl], bad[sl] = _eliminate(w[sl], finv[sl], None if mask is None else mask[sl], nm)
+        order[sl], loss[sl], bad[sl], _ = _eliminate(w[sl], finv[sl], None if mask is None else mask[sl], nm)
+    return order, loss, bad
+
+
+def obs_prune_order_(
+    w: torch.Tensor,
+    finv: torch.Tensor,
+    mask: torch.Tensor | None,
+    nm: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`obs_prune_order` that also overwrites each block of ``finv`` that succeeded with
+    the elimination's factor (a failed block keeps its input):
+
+    F[x, t] = H_t[x, q_t] / H_t[q_t, q_t] for a position x still present at step t (H_t the
+    downdated inverse before step t, q_t = order[t]); F[q_t, t] = the weight at q_t just before
+    step t (0 for a masked entry); 0 elsewhere. The weights after k steps are then
+    w − Σ_{t<k} F[q_t, t] · F[:, t] (see :func:`obs_reconstruct_factored`).
+    """
+    nb, b = w.shape
+    steps = prune_steps(b, nm)
+    order = torch.empty(nb, steps, dtype=torch.int64, device=w.device)
+    loss = torch.empty(nb, steps, dtype=finv.dtype, device=w.device)
+    bad = torch.empty(nb, dtype=torch.bool, device=w.device)
+    for sl in _block_pieces(nb, 2 * b * b * finv.element_size()):
+        order[sl], loss[sl], bad[sl], fac = _eliminate(
+            w[sl], finv[sl], None if mask is None else mask[sl], nm, factor=True
+        )
+        assert fac is not None
+        good = ~bad[sl]
+        finv[sl][good] = fac[good]
     return order, loss, bad
 
 
 def _eliminate(
-    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None, factor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     nb, b = w.shape
     dt = finv.dtype
     steps = prune_steps(b, nm)
@@ -219,6 +248,7 @@ def _eliminate(
     order = torch.empty(nb, steps, dtype=torch.int64, device=w.device)
     loss = torch.empty(nb, steps, dtype=dt, device=w.device)
     inf = torch.tensor(math.inf, dtype=dt, device=w.device)
+    fac = torch.zeros(nb, b, b, dtype=dt, device=w.device) if factor else None
     with no_tf32():
         for t in range(steps):
             d = hmat.diagonal(dim1=1, dim2=2)
@@ -240,11 +270,14 @@ def _eliminate(
             order[:, t] = q
             loss[:, t] = cum
             wq = w[rows, q]
+            if fac is not None:
+                fac[:, :, t] = torch.where(elim, torch.zeros_like(hq), hq / hqq.unsqueeze(-1))
+                fac[rows, q, t] = wq
             w = w - hq * (wq / hqq).unsqueeze(-1)
             elim[rows, q] = True
             w.masked_fill_(elim, 0)
             hmat.baddbmm_(hq.unsqueeze(-1), (hq / hqq.unsqueeze(-1)).unsqueeze(-2), alpha=-1.0)
-    return order, loss, bad
+    return order, loss, bad, fac
 
 
 def prune_counts(losses: list[torch.Tensor], sparsity: float, exclude: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -304,6 +337,33 @@ def obs_reconstruct(
     return w_new, keep, bad
 
 
+def obs_reconstruct_factored(
+    w: torch.Tensor, factor: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weights after the first ``counts[b]`` steps from :func:`obs_prune_order_`'s factor:
+    w − Σ_{t<k} a_t F[:, t], a_t = F[q_t, t], the pruned entries zero.
+
+    Returns ``(w_new, keep, bad)``: (nb, B) in w's dtype, (nb, B) bool (True = kept), and a
+    (nb,) bool flagging blocks where a weight, a multiplier read or a result is NaN/Inf.
+    """
+    nb, b = w.shape
+    steps = order.shape[1]
+    dt = factor.dtype
+    o = order.to(torch.int64)
+    t = torch.arange(steps, device=w.device)
+    take = t.unsqueeze(0) < counts.to(torch.int64).unsqueeze(1)  # (nb, steps)
+    rows = torch.arange(nb, device=w.device).unsqueeze(1)
+    a = factor[rows, o, t.unsqueeze(0)]  # (nb, steps): F[q_t, t]
+    a = torch.where(take, a, torch.zeros_like(a))
+    with no_tf32():
+        cols = torch.where(take.unsqueeze(1), factor[:, :, :steps], torch.zeros((), dtype=dt, device=w.device))
+        delta = torch.bmm(cols, a.unsqueeze(-1)).squeeze(-1)  # only the columns t < k are read
+    pruned = torch.zeros(nb, b, dtype=torch.bool, device=w.device).scatter_(1, o, take)
+    w_new = torch.where(pruned, torch.zeros_like(delta), w.to(dt) - delta)
+    bad = ~torch.isfinite(torch.where(take, a, torch.zeros_like(a))).all(1) | ~torch.isfinite(w_new).all(1)
+    return w_new.to(w.dtype), ~pruned, bad
+
+
 def _replay(
     w: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -349,6 +409,8 @@ OPS = {
     "obs_scores": obs_scores,
     "obs_update_independent": obs_update_independent,
     "obs_prune_order": obs_prune_order,
+    "obs_prune_order_": obs_prune_order_,
     "prune_counts": prune_counts,
     "obs_reconstruct": obs_reconstruct,
+    "obs_reconstruct_factored": obs_reconstruct_factored,
 }

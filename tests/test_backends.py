@@ -221,9 +221,12 @@ def test_cpu_kernels_give_the_same_results_on_one_and_two_threads(gen):
             torch.set_num_threads(threads)
             order, loss = ok.obs_prune_order(w.float(), h.float(), mask=mask, nm=nm, backend="cpu")
             rec = ok.obs_reconstruct(w, h, order, counts, backend="cpu")
+            fac = h.float().contiguous()
+            ok.obs_prune_order_(w.float(), fac, mask=mask, nm=nm, backend="cpu")
+            rec_f = ok.obs_reconstruct_factored(w.float(), fac, order, counts, mask=mask, backend="cpu")
             gram = ok.fisher_inverse(g, 24, 1e-2, method="gram", backend="cpu")
             wood = ok.fisher_inverse(g.float(), 24, 1e-2, method="woodbury", backend="cpu")
-            outs.append((order, loss, *rec, gram, wood))
+            outs.append((order, loss, *rec, fac, *rec_f, gram, wood))
     finally:
         torch.set_num_threads(saved)
     for a, b in zip(*outs):

@@ -600,13 +600,14 @@ def test_exact_k_with_padded_layers_and_an_already_sparse_model(method, monkeypa
     masks_seen = []
     import ovit.pruner as pruner_mod
 
-    real = pruner_mod.ok.obs_prune_order
+    real = {name: getattr(pruner_mod.ok, name) for name in ("obs_prune_order", "obs_prune_order_")}
+    for name in real:  # the step owns its inverses: on CPU, the in-place one runs
 
-    def spy(w, h, *, mask=None, **kw):
-        masks_seen.append((w.detach().clone(), mask))
-        return real(w, h, mask=mask, **kw)
+        def spy(w, h, *, mask=None, _real=real[name], **kw):
+            masks_seen.append((w.detach().clone(), mask))
+            return _real(w, h, mask=mask, **kw)
 
-    monkeypatch.setattr(pruner_mod.ok, "obs_prune_order", spy)
+        monkeypatch.setattr(pruner_mod.ok, name, spy)
     rep = ovit.one_shot_prune(model, random_data(), 0.55, method=method, layers=["1", "3", "5"], block_size=8,
                               num_grads=12, damp=1e-2, damp_mode="relative", progress=False)  # fmt: skip
     assert [lr.pad for lr in rep.layers] == [0, 7, 0]

@@ -80,18 +80,37 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "prune_order",
       [](uintptr_t w, uintptr_t finv, int fp64, uintptr_t mask, int64_t nb, int B, int steps, int nm_n, int nm_m,
-         uintptr_t order, uintptr_t loss, uintptr_t bad, int threads) {
+         uintptr_t order, uintptr_t loss, uintptr_t bad, uintptr_t factor, int threads) {
         need_fp(fp64);
         py::gil_scoped_release nogil;
         const uint8_t* mk = mask ? ptr<const uint8_t>(mask) : nullptr;
         if (fp64)
           ovit::cpu::prune_order<double>(ptr<const double>(w), ptr<const double>(finv), mk, nb, B, steps, nm_n, nm_m,
-                                         ptr<int64_t>(order), ptr<double>(loss), ptr<uint8_t>(bad), threads);
+                                         ptr<int64_t>(order), ptr<double>(loss), ptr<uint8_t>(bad),
+                                         factor ? ptr<double>(factor) : nullptr, threads);
         else
           ovit::cpu::prune_order<float>(ptr<const float>(w), ptr<const float>(finv), mk, nb, B, steps, nm_n, nm_m,
-                                        ptr<int64_t>(order), ptr<float>(loss), ptr<uint8_t>(bad), threads);
+                                        ptr<int64_t>(order), ptr<float>(loss), ptr<uint8_t>(bad),
+                                        factor ? ptr<float>(factor) : nullptr, threads);
       },
-      "greedy OBS elimination into order, loss, bad");
+      "greedy OBS elimination into order, loss, bad, and the elimination's factor when factor is not 0 (it may "
+      "be finv: in place)");
+  m.def(
+      "reconstruct_factored",
+      [](uintptr_t w, uintptr_t factor, int fp64, uintptr_t order, uintptr_t counts, int64_t nb, int B, int steps,
+         uintptr_t w_out, uintptr_t pruned, uintptr_t bad, int threads) {
+        need_fp(fp64);
+        py::gil_scoped_release nogil;
+        if (fp64)
+          ovit::cpu::reconstruct_factored<double>(ptr<const double>(w), ptr<const double>(factor),
+                                                  ptr<const int64_t>(order), ptr<const int64_t>(counts), nb, B, steps,
+                                                  ptr<double>(w_out), ptr<uint8_t>(pruned), ptr<uint8_t>(bad), threads);
+        else
+          ovit::cpu::reconstruct_factored<float>(ptr<const float>(w), ptr<const float>(factor),
+                                                 ptr<const int64_t>(order), ptr<const int64_t>(counts), nb, B, steps,
+                                                 ptr<float>(w_out), ptr<uint8_t>(pruned), ptr<uint8_t>(bad), threads);
+      },
+      "final weights of a prefix of each block's order from the elimination's factor into w_out, pruned, bad codes");
   m.def(
       "reconstruct",
       [](uintptr_t w, uintptr_t finv, int fp64, uintptr_t order, uintptr_t counts, int64_t nb, int B, int steps,

@@ -201,7 +201,7 @@ inline void axpy_rows(T* __restrict row, const T* __restrict h, T a, int len) {
 
 template <typename T>
 struct ElimScratch {
-  std::vector<T> L, w, diag, pen, h, sc;
+  std::vector<T> L, w, diag, pen, h, sc, F;
   std::vector<int> orig, pos, lost, pending;
 };
 
@@ -252,7 +252,7 @@ int argmin_score(ElimScratch<T>& s, int n) {
 
 template <typename T>
 void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int nsteps, int nm_n, int nm_m,
-                     int64_t* order_out, T* loss_out, uint8_t* bad_out, ElimScratch<T>& s) {
+                     int64_t* order_out, T* loss_out, uint8_t* bad_out, T* factor_out, ElimScratch<T>& s) {
   constexpr int V = 64 / sizeof(T);
   const int ld = (B + V - 1) / V * V;  // padded rows: the update runs in whole vectors
   s.L.assign((size_t)B * ld, T(0));
@@ -284,6 +284,11 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     if (pre) s.pending.push_back(j);
   }
   if (nm_m > 0) s.lost.assign(B / nm_m + 1, 0);
+  T* F = nullptr;  // the factor (see prune_order), built here and written out once the block succeeded
+  if (factor_out != nullptr) {
+    s.F.assign((size_t)B * B, T(0));
+    F = s.F.data();
+  }
   const T inf = std::numeric_limits<T>::infinity();
   size_t next_pending = 0;
   int n = B;
@@ -314,6 +319,11 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     T* __restrict dg = s.diag.data();
     const T* __restrict rowp = L + (int64_t)p * ld;
     for (int i = 0; i < p; ++i) h[i] = rowp[i];
+    if (F != nullptr) {  // column t: the multipliers H(i, q)/H_qq of the survivors, and w_q at (q, t)
+      T* __restrict col = F + t;
+      for (int i = 0; i < p; ++i) col[(int64_t)s.orig[i] * B] = h[i] / d;
+      col[(int64_t)s.orig[p] * B] = w[p];
+    }
     const T coef = w[p] / d;
     for (int i = 0; i < p; ++i) {
       w[i] -= h[i] * coef;
@@ -334,6 +344,9 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     n = p;
   }
   *bad_out = bad ? 1 : 0;
+  // Every read of H0 happened before the first step, so factor_out may be H0 itself (in place); a
+  // failed block keeps its input for the caller's float64 retry.
+  if (F != nullptr && !bad) std::copy(F, F + (size_t)B * B, factor_out);
 }
 
 
@@ -562,6 +575,46 @@ void reconstruct_block(const T* w0, const T* H, const int64_t* ord, int steps, i
   *bad_out = bad ? 1 : 0;
 }
 
+// Final weights from the factor prune_order left (see ovit_cpu.h): a_t = F(order_t, t) for t < k,
+// then w0_x − Σ_{t<k} F(x, t)·a_t for every survivor x — a dot product over a contiguous row
+// prefix, (B − k)·k multiply-adds per block. Codes as reconstruct_block's (1: NaN/Inf among what
+// the block reads or produces).
+template <typename T>
+void reconstruct_factored_block(const T* w0, const T* F, const int64_t* ord, int steps, int k, int B, T* w_out,
+                                uint8_t* pruned_out, uint8_t* bad_out, RecScratch<T>& s) {
+  s.seen.assign(B, 0);
+  for (int t = 0; t < steps; ++t) {
+    const int64_t o = ord[t];
+    if (o < 0 || o >= B) {
+      *bad_out = 2;
+      return;
+    }
+    if (s.seen[o]++) {
+      *bad_out = 3;
+      return;
+    }
+  }
+  s.z.resize(std::max(k, 1));
+  T* a = s.z.data();
+  T probe = T(0);
+  for (int x = 0; x < B; ++x) pruned_out[x] = 0;
+  for (int t = 0; t < k; ++t) {
+    pruned_out[ord[t]] = 1;
+    a[t] = F[ord[t] * B + t];
+    probe += a[t] * T(0);
+  }
+  for (int x = 0; x < B; ++x) {
+    if (pruned_out[x]) {
+      w_out[x] = T(0);
+      continue;
+    }
+    const T v = w0[x] - dot(F + (int64_t)x * B, a, k);
+    probe += v * T(0);  // NaN iff a weight, a multiplier or the result is NaN or infinite
+    w_out[x] = v;
+  }
+  *bad_out = probe != T(0) ? 1 : 0;
+}
+
 }  // namespace
 
 template <typename G>
@@ -720,14 +773,15 @@ int64_t woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, i
 
 template <typename T>
 void prune_order(const T* w, const T* finv, const uint8_t* mask, int64_t nb, int B, int steps, int nm_n, int nm_m,
-                 int64_t* order, T* loss, uint8_t* bad, int threads) {
+                 int64_t* order, T* loss, uint8_t* bad, T* factor, int threads) {
   check_block(B);
   if (steps < 0 || steps > B) throw std::invalid_argument("steps must lie in [0, B]");
   if (nm_m > 0 && (B % nm_m != 0 || nm_n < 0 || nm_n >= nm_m)) throw std::invalid_argument("bad N:M pattern");
   std::vector<ElimScratch<T>> scratch(std::max(1, threads));
   parallel_for(nb, threads, [&](int64_t b, int tid) {
     eliminate_block<T>(w + b * B, finv + b * (int64_t)B * B, mask == nullptr ? nullptr : mask + b * B, B, steps,
-                       nm_n, nm_m, order + b * steps, loss + b * steps, bad + b, scratch[tid]);
+                       nm_n, nm_m, order + b * steps, loss + b * steps, bad + b,
+                       factor == nullptr ? nullptr : factor + b * (int64_t)B * B, scratch[tid]);
   });
 }
 
@@ -742,6 +796,20 @@ void reconstruct(const T* w, const T* finv, const int64_t* order, const int64_t*
     if (c < 0 || c > steps) throw std::invalid_argument("counts must lie in [0, steps]");
     reconstruct_block<T>(w + b * B, finv + b * (int64_t)B * B, order + b * steps, steps, (int)c, B, w_out + b * B,
                          pruned + b * B, bad + b, scratch[tid]);
+  });
+}
+
+template <typename T>
+void reconstruct_factored(const T* w, const T* factor, const int64_t* order, const int64_t* counts, int64_t nb,
+                          int B, int steps, T* w_out, uint8_t* pruned, uint8_t* bad, int threads) {
+  check_block(B);
+  if (steps < 0 || steps > B) throw std::invalid_argument("steps must lie in [0, B]");
+  std::vector<RecScratch<T>> scratch(std::max(1, threads));
+  parallel_for(nb, threads, [&](int64_t b, int tid) {
+    const int64_t c = counts[b];
+    if (c < 0 || c > steps) throw std::invalid_argument("counts must lie in [0, steps]");
+    reconstruct_factored_block<T>(w + b * B, factor + b * (int64_t)B * B, order + b * steps, steps, (int)c, B,
+                                  w_out + b * B, pruned + b * B, bad + b, scratch[tid]);
   });
 }
 
@@ -857,7 +925,9 @@ int64_t prune_counts(const LossLayer* layers, int nlayers, double sparsity, int6
   template void damped_inverse<T>(const double*, int64_t, int, double, double, bool, T*, uint8_t*, int);         \
   template int64_t woodbury_update<T, T>(T*, const T*, int64_t, int, int64_t, int64_t, double, int, int);        \
   template void prune_order<T>(const T*, const T*, const uint8_t*, int64_t, int, int, int, int, int64_t*, T*,    \
-                               uint8_t*, int);                                                                    \
+                               uint8_t*, T*, int);                                                                \
+  template void reconstruct_factored<T>(const T*, const T*, const int64_t*, const int64_t*, int64_t, int, int,  \
+                                        T*, uint8_t*, uint8_t*, int);                                             \
   template void reconstruct<T>(const T*, const T*, const int64_t*, const int64_t*, int64_t, int, int, T*,       \
                                uint8_t*, uint8_t*, int);                                                          \
   template void scores<T>(const T*, const T*, int64_t, int, T*, int);                                            \

@@ -40,9 +40,22 @@ int64_t woodbury_update(T* finv, const G* grads, int64_t nb, int B, int64_t k, i
 // Greedy OBS elimination (SPEC §3): order (nb, steps), loss (nb, steps), bad (nb): a pivot that
 // was not positive, a non-finite score, or NaN/Inf among the block's inputs (read once, while
 // copied). mask (nb, B) or null; nm_m = 0 for unstructured.
+// factor (nb, B, B) or null — it may be finv itself (in place): for each block that succeeded, the
+// elimination's factor, F(x, t) = H_t(x, q_t) / H_t(q_t, q_t) for a position x still present at
+// step t (H_t the downdated inverse before step t, q_t = order_t), F(q_t, t) = the weight at q_t
+// just before step t (0 for a masked one), 0 elsewhere; a failed block is left as it was.
 template <typename T>
 void prune_order(const T* w, const T* finv, const uint8_t* mask, int64_t nb, int B, int steps, int nm_n, int nm_m,
-                 int64_t* order, T* loss, uint8_t* bad, int threads);
+                 int64_t* order, T* loss, uint8_t* bad, T* factor, int threads);
+
+// Final weights for the first counts[b] entries of order from prune_order's factor: the weights
+// after k steps are w − Σ_{t<k} a_t F(·, t), a_t = F(q_t, t), so each survivor costs one dot
+// product of a row prefix ((B − k)·k multiply-adds per block, no factorisation). w is the
+// elimination's input with its masked entries zero. Outputs and codes as reconstruct's
+// (1: NaN/Inf among what the block reads or produces).
+template <typename T>
+void reconstruct_factored(const T* w, const T* factor, const int64_t* order, const int64_t* counts, int64_t nb,
+                          int B, int steps, T* w_out, uint8_t* pruned, uint8_t* bad, int threads);
 
 // Final weights for the first counts[b] entries of order (nb, steps): the joint OBS solution by a
 // Cholesky of H[S,S] (no replay). w_out (nb, B), pruned (nb, B), bad (nb): 1 a pivot that was not

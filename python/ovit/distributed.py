@@ -280,6 +280,7 @@ def distributed_prune(
     orders: dict[str, torch.Tensor] = {}
     losses: dict[str, torch.Tensor] = {}
     scores: dict[str, torch.Tensor] = {}
+    consume = stages.factored_elimination(spec)  # the inverses are this step's own: the factor may take them
     samples = 0
     for p in range(passes):
         # sampling: my share of the data; each chunk of a layer cut by pieces, each piece to its owner
@@ -314,7 +315,7 @@ def distributed_prune(
             for pc in mine_p:
                 finvs[pc.name] = accs.pop(pc.name).compute()
             if method == "ovit":
-                o, ls = stages.eliminate(mine_p, finvs, spec)  # type: ignore[arg-type]
+                o, ls = stages.eliminate(mine_p, finvs, spec, consume=consume)  # type: ignore[arg-type]
                 orders.update(o)
                 losses.update(ls)
             else:
@@ -354,7 +355,8 @@ def distributed_prune(
     try:
         mine = shards[rank]
         sel = {pc.name: selection[pc.layer.name][pc.start : pc.stop] for pc in mine}
-        new_w, keep, est = stages.reconstruct(mine, spec, sel, finvs=finvs, orders=orders, losses=losses)  # type: ignore[arg-type]
+        new_w, keep, est = stages.reconstruct(mine, spec, sel, finvs=finvs, orders=orders, losses=losses,  # type: ignore[arg-type]
+                                              factored=consume)  # fmt: skip
         est_local = float(est or 0.0)
     except Exception as e:
         error = e
@@ -395,8 +397,10 @@ def distributed_prune(
         num_grads=int(num_grads),
         layers=reports,
         times=times,
-        notes=[f"{world} ranks; Fisher inverses by {fisher_method} updates on the owners; blocks per rank "
-               f"{[sum(pc.stop - pc.start for pc in sh) for sh in shards]}"],  # fmt: skip
+        notes=[
+            f"{world} ranks; Fisher inverses by {fisher_method} updates on the owners; blocks per rank "
+            f"{[sum(pc.stop - pc.start for pc in sh) for sh in shards]}"
+        ],  # fmt: skip
         grad_mode=grad_mode,
         samples=samples * world,
         passes=passes,

@@ -395,13 +395,15 @@ def run_step(
         if method == "woodfisher":
             scores.update(stages.score(grp, finvs, spec))
         else:
-            o, ls = stages.eliminate(grp, finvs, spec)
+            o, ls = stages.eliminate(grp, finvs, spec, consume=consume)
             orders.update(o)
             losses.update(ls)
         _sync(device)
         key = "elimination" if method == "ovit" else "scores"
         times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
+    # the elimination may leave its factor in the inverses' memory when they are this step's own
+    consume = stages.factored_elimination(spec) and fisher_cache is None
     taken = 0
     distinct: int | None = None
     samples: int | None = None
@@ -522,7 +524,7 @@ def run_step(
         grams = {ly.name: (fisher_cache[ly.name]["gram"], fisher_cache[ly.name]["num_grads"])
                  for ly in players if "gram" in fisher_cache.get(ly.name, {})}  # fmt: skip
     new_w, keep, est = stages.reconstruct(players, spec, selection, finvs=finvs, orders=orders, losses=losses,
-                                          grams=grams)  # fmt: skip
+                                          grams=grams, factored=consume)  # fmt: skip
     times["reconstruction"] = time.perf_counter() - t0
 
     # --- commit: only now is the model changed ----------------------------------------------

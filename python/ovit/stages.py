@@ -14,6 +14,7 @@ sample → Fisher → :func:`eliminate` / :func:`score` → :func:`select` → :
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,22 +53,48 @@ def weight_blocks(ly: PrunableLayer, dtype: torch.dtype) -> torch.Tensor:
     return ly.blocks(ly.weight.detach().flatten().to(dtype))
 
 
+def _premask(ly: PrunableLayer, wb: torch.Tensor, spec: StepSpec) -> torch.Tensor:
+    """The elimination's input mask: already-zero weights, and the padding (unstructured)."""
+    pad = ly.pad_mask(spec.device)
+    return (wb == 0) | pad if spec.nm is None else (wb == 0) & ~pad
+
+
+def factored_elimination(spec: StepSpec) -> bool:
+    """Whether a step may let the elimination leave its factor in the inverses' storage (CPU:
+    the kernels that do it run there, and the final weights then cost a dot product per weight
+    instead of a factorisation per block). Only for inverses the step owns (not a cache's)."""
+    if spec.method != "ovit" or spec.device.type != "cpu":
+        return False
+    req = (spec.backend or os.environ.get("OVIT_BACKEND") or "auto").strip().lower()
+    if req == "auto":  # the cpu backend or the reference: both have the two ops
+        return True
+    st = ok.available_backends().get(req)
+    return st is not None and {"obs_prune_order_", "obs_reconstruct_factored"} <= set(st.ops)
+
+
 def eliminate(
-    layers: list[PrunableLayer], finvs: dict[str, torch.Tensor], spec: StepSpec
+    layers: list[PrunableLayer], finvs: dict[str, torch.Tensor], spec: StepSpec, *, consume: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """oViT's greedy elimination of every block: ``(orders, losses)`` per layer, each (nb, steps).
 
     Weights that are already zero are given as pre-pruned (eliminated first, at zero loss);
     unstructured padding too (and excluded from the count by :func:`select`); with N:M the
     padding fills whole groups of its own, which the greedy empties first at zero loss.
+    With ``consume``, ``finvs[name]`` is replaced by the elimination's factor
+    (``ok.obs_prune_order_``, in the inverse's memory when it is on ``spec.device``), for
+    :func:`reconstruct` with ``factored=True``.
     """
     orders, losses = {}, {}
     for ly in layers:
         wb = weight_blocks(ly, spec.fisher_dtype)
-        pad = ly.pad_mask(spec.device)
-        pre = (wb == 0) | pad if spec.nm is None else (wb == 0) & ~pad
+        pre = _premask(ly, wb, spec)
         h = finvs[ly.name].to(spec.device)
-        orders[ly.name], losses[ly.name] = ok.obs_prune_order(wb, h, mask=pre, nm=spec.nm, backend=spec.backend)
+        if consume:
+            h = h.contiguous()
+            orders[ly.name], losses[ly.name] = ok.obs_prune_order_(wb, h, mask=pre, nm=spec.nm, backend=spec.backend)
+            finvs[ly.name] = h
+        else:
+            orders[ly.name], losses[ly.name] = ok.obs_prune_order(wb, h, mask=pre, nm=spec.nm, backend=spec.backend)
     return orders, losses
 
 
@@ -182,11 +209,13 @@ def reconstruct(
     orders: dict[str, torch.Tensor] | None = None,
     losses: dict[str, torch.Tensor] | None = None,
     grams: dict[str, tuple[torch.Tensor, int]] | None = None,
+    factored: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float | None]:
     """New weights for the selection: ``(new_w, keep, est_loss_increase)``.
 
     oViT: the joint OBS solution of each block's pruned prefix (``finvs``, ``orders``,
-    ``selection`` = counts); the loss is the cumulative loss at each block's count. WoodFisher:
+    ``selection`` = counts; with ``factored``, ``finvs`` holds the factors :func:`eliminate`
+    left with ``consume``); the loss is the cumulative loss at each block's count. WoodFisher:
     the independent OBS update of the selected set, its loss ½ δᵀFδ from the Gram when
     ``grams`` holds ``(gram, m)`` for the layer, else by factorising the inverse. Magnitude:
     the selected weights zeroed (no loss estimate). Inverses are popped from ``finvs`` as they
@@ -201,8 +230,12 @@ def reconstruct(
         for ly in layers:
             cnt = selection[ly.name]
             h = finvs.pop(ly.name).to(dev)
-            w2, kp = ok.obs_reconstruct(weight_blocks(ly, spec.fisher_dtype), h, orders[ly.name], cnt,
-                                        backend=spec.backend)  # fmt: skip
+            wb = weight_blocks(ly, spec.fisher_dtype)
+            if factored:
+                w2, kp = ok.obs_reconstruct_factored(wb, h, orders[ly.name], cnt, mask=_premask(ly, wb, spec),
+                                                     backend=spec.backend)  # fmt: skip
+            else:
+                w2, kp = ok.obs_reconstruct(wb, h, orders[ly.name], cnt, backend=spec.backend)
             loss = losses[ly.name]
             idx = (cnt - 1).clamp_min(0).unsqueeze(1)
             est += float(torch.where(cnt > 0, loss.gather(1, idx).squeeze(1), torch.zeros_like(loss[:, 0])).sum())

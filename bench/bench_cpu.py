@@ -7,8 +7,11 @@ Fisher inverses (float64 Gram + inverse, float32 result), greedy elimination (fl
 selection and the final weights. The baseline is ``bench/baselines.py`` (the original code's
 approach in torch ops: float32 rank-one Woodbury per gradient, elimination with weight traces,
 a global threshold and a trace lookup per block), timed in the same process. Each phase is
-the minimum of ``--reps`` runs; beside it, its floor: its flops over this CPU's measured GEMM
-rate (float64 for the Fisher, float32 for the rest), with the threads the run uses.
+the minimum of ``--reps`` runs; beside it, its floor: max(its flops over this CPU's measured GEMM
+rate (float64 for the Fisher, float32 for the rest), its bytes over the measured copy rate),
+with the threads the run uses. The ovit rows: the one-shot path (the elimination leaves its
+factor in the inverses' memory, the final weights are read from it) and the path that keeps
+the inverses intact (a Cholesky of H[S,S] per block for the final weights).
 
     python bench/bench_cpu.py                   # the table (Markdown) and bench/out/bench_cpu.json
     python bench/bench_cpu.py --under-load      # the same with another process busy on one core
@@ -50,9 +53,14 @@ def problem(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def ovit_phases(prob: dict, backend: str) -> dict[str, float]:
+def ovit_phases(prob: dict, backend: str, keep_inverses: bool = False) -> dict[str, float]:
     """Seconds per phase of ovit_kernels: Fisher (Gram in chunks of 128 + inverse), elimination,
-    selection (the global K-th loss), final weights (the joint OBS solution per block)."""
+    selection (the global K-th loss), final weights (the joint OBS solution per block).
+
+    By default the one-shot path: the elimination leaves its factor in the inverses' storage
+    (``obs_prune_order_``) and the final weights are read from it (``obs_reconstruct_factored``).
+    With ``keep_inverses`` the inverses stay intact (``obs_prune_order``, then a Cholesky of
+    H[S,S] per block in ``obs_reconstruct``), as a caller that reuses them needs."""
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     finvs = {}
@@ -63,13 +71,15 @@ def ovit_phases(prob: dict, backend: str) -> dict[str, float]:
         finvs[name] = acc.compute()
     t1 = time.perf_counter()
     orders, losses = {}, {}
+    elim = ok.obs_prune_order if keep_inverses else ok.obs_prune_order_
     for name, (_, w) in prob.items():
-        orders[name], losses[name] = ok.obs_prune_order(w, finvs[name], backend=backend)
+        orders[name], losses[name] = elim(w, finvs[name], backend=backend)
     t2 = time.perf_counter()
     counts = ok.prune_counts([losses[n] for n in prob], SPARSITY, backend=backend)
     t3 = time.perf_counter()
+    final = ok.obs_reconstruct if keep_inverses else ok.obs_reconstruct_factored
     for (name, (_, w)), c in zip(prob.items(), counts):
-        ok.obs_reconstruct(w, finvs[name], orders[name], c, backend=backend)
+        final(w, finvs[name], orders[name], c, backend=backend)
     t4 = time.perf_counter()
     t.update(fisher=t1 - t0, elimination=t2 - t1, selection=t3 - t2, final_weights=t4 - t3)
     return t
@@ -97,7 +107,8 @@ def baseline_phases(prob: dict) -> dict[str, float]:
 
 
 def floors(threads: int) -> dict[str, float]:
-    """Each phase's flops over this CPU's GEMM rate (float64 for the Fisher, float32 after)."""
+    """Each phase's floor, max(flops / this CPU's GEMM rate, bytes / its copy bandwidth), float64
+    rates for the Fisher, float32 after; the final weights' floor for both paths."""
     from ovit_kernels._precision import no_tf32
 
     rates = {}
@@ -109,15 +120,34 @@ def floors(threads: int) -> dict[str, float]:
             for _ in range(3):
                 a @ a
         rates[dt] = 3 * 2 * 1536**3 / (time.perf_counter() - t0)
+    src = torch.ones(64 << 20)  # 256 MB: far past the caches
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src)
+    bandwidth = 3 * 2 * src.numel() * 4 / (time.perf_counter() - t0)  # bytes read + written per second
     n = sum(o * i for o, i in SHAPES.values())
+    k = SPARSITY * B
     flops = {
         "fisher": n * B * M + n * B * B,  # symmetric Gram (m rank-one terms), inverse (B³ per block)
         "elimination": n * B * B / 3,  # B³/6 multiply-adds per block (compact active set)
-        "final_weights": n * B * B / 3 * SPARSITY**3,  # a Cholesky of H[S,S], k = s·B: k³/3 per block
+        "final_weights": 2 * n * (B - k) * k / B,  # from the factor: (B − k)·k multiply-adds per block
+        "final_weights_kept": n * k**3 / (3 * B),  # a Cholesky of H[S,S]: k³/6 multiply-adds per block
     }
-    out = {k: v / rates[torch.float64 if k == "fisher" else torch.float32] for k, v in flops.items()}
+    nbytes = {
+        "fisher": n * B * 4,  # the float32 inverses written
+        "elimination": 2 * n * B * 4,  # the inverses read, the factor written
+        "final_weights": n * (B - k) * k / B * 4,  # each survivor's row prefix of the factor
+        "final_weights_kept": n * k * k / (2 * B) * 4,  # H[S,S]'s triangle
+    }
+    out = {
+        p: max(f / rates[torch.float64 if p == "fisher" else torch.float32], nbytes[p] / bandwidth)
+        for p, f in flops.items()
+    }
     out["gemm_GFLOPs_fp64"] = rates[torch.float64] / 1e9
     out["gemm_GFLOPs_fp32"] = rates[torch.float32] / 1e9
+    out["copy_GBs"] = bandwidth / 1e9
     out["threads"] = threads
     return out
 
@@ -149,6 +179,7 @@ def main() -> None:
         "backend": backend,
         "threads": args.threads,
         "ovit": _min_phases([ovit_phases(prob, backend) for _ in range(args.reps)]),
+        "ovit_inverses_kept": _min_phases([ovit_phases(prob, backend, True) for _ in range(args.reps)]),
         "reference": _min_phases([ovit_phases(prob, "reference") for _ in range(args.reps)]),
         "floor": floors(args.threads),
     }
@@ -162,7 +193,11 @@ def main() -> None:
         finally:
             p.kill()
     phases = ["fisher", "elimination", "selection", "final_weights"]
-    rows = [("ovit " + backend, report["ovit"]), ("ovit reference", report["reference"])]
+    rows = [
+        ("ovit " + backend, report["ovit"]),
+        (f"ovit {backend}, inverses kept", report["ovit_inverses_kept"]),
+        ("ovit reference", report["reference"]),
+    ]
     if "original" in report:
         rows.insert(0, ("original approach", report["original"]))
     if "ovit_under_load" in report:
@@ -173,13 +208,20 @@ def main() -> None:
     for label, r in rows:
         print(f"| {label} | " + " | ".join(f"{r[p]:.3f}" for p in phases) + f" | {sum(r[p] for p in phases):.2f} |")
     fl = report["floor"]
-    print("| floor (flops / GEMM rate) | " + " | ".join(f"{fl[p]:.3f}" if p in fl else "-" for p in phases) + " | |")
+    print("| floor (flops / GEMM rate, bytes / copy rate) | "
+          + " | ".join(f"{fl[p]:.3f}" if p in fl else "-" for p in phases)
+          + f" | | (final weights with the inverses kept: {fl['final_weights_kept']:.3f})")  # fmt: skip
     if "original" in report:
         o, v = report["original"], report["ovit"]
         ratio = {p: o[p] / v[p] for p in phases}
         ratio["all"] = sum(o.values()) / sum(v.values())
         report["speedup_vs_original"] = ratio
         print("speed-up vs the original approach: " + ", ".join(f"{k} {r:.1f}×" for k, r in ratio.items()))
+        sel = ("selection", "final_weights")
+        for key, label in (("ovit", "one-shot path"), ("ovit_inverses_kept", "inverses kept")):
+            r = sum(report[key][p] for p in sel) / sum(o[p] for p in sel)
+            report[f"selection_and_final_vs_lookup_{key}"] = r
+            print(f"selection + final weights ({label}): {r:.2f}× the original's trace lookup")
     if "ovit_under_load" in report:
         report["load_slowdown"] = sum(report["ovit_under_load"].values()) / sum(report["ovit"].values())
         print(f"with one core busy: {report['load_slowdown']:.2f}× the idle time")

@@ -169,8 +169,8 @@ def test_a_cpu_step_with_and_without_the_factor_gives_the_same_model():
     for cache in (None, {}):
         torch.manual_seed(3)
         model = TinyViT(dim=32, depth=1, heads=2)
-        ovit.one_shot_prune(model, random_data(n_batches=16), 0.6, block_size=16, num_grads=16, fisher_dtype=torch.float64,
-                            damp=1e-3, progress=False, fisher_cache=cache)  # fmt: skip
+        ovit.one_shot_prune(model, random_data(n_batches=16), 0.6, block_size=16, num_grads=16,
+                            fisher_dtype=torch.float64, damp=1e-3, progress=False, fisher_cache=cache)  # fmt: skip
         outs.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-9, atol=1e-9)

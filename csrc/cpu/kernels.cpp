@@ -250,6 +250,28 @@ int argmin_score(ElimScratch<T>& s, int n) {
   return q;
 }
 
+// factor(x, t) = Ft(t, x) for t ≤ last step of x (its own elimination, or the last step when it
+// survives all), 0 after: a transpose in tiles of 16×16 (Ft's rows were written only where the
+// position was still present).
+template <typename T>
+void write_factor(const T* __restrict Ft, const int64_t* order, int nsteps, int B, T* __restrict out,
+                  std::vector<int>& last) {
+  last.assign(B, nsteps - 1);
+  for (int t = 0; t < nsteps; ++t) last[order[t]] = t;
+  constexpr int kT = 16;
+  for (int x0 = 0; x0 < B; x0 += kT) {
+    const int x1 = std::min(B, x0 + kT);
+    for (int t0 = 0; t0 < B; t0 += kT) {
+      const int t1 = std::min(B, t0 + kT);
+      for (int x = x0; x < x1; ++x) {
+        T* __restrict o = out + (int64_t)x * B;
+        const int lim = last[x];
+        for (int t = t0; t < t1; ++t) o[t] = t <= lim ? Ft[(int64_t)t * B + x] : T(0);
+      }
+    }
+  }
+}
+
 template <typename T>
 void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int nsteps, int nm_n, int nm_m,
                      int64_t* order_out, T* loss_out, uint8_t* bad_out, T* factor_out, ElimScratch<T>& s) {
@@ -284,9 +306,11 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     if (pre) s.pending.push_back(j);
   }
   if (nm_m > 0) s.lost.assign(B / nm_m + 1, 0);
-  T* F = nullptr;  // the factor (see prune_order), built here and written out once the block succeeded
+  // The factor (see prune_order), built transposed here — row t holds step t's multipliers by
+  // original position, written while they are in cache — and written out once the block succeeded.
+  T* F = nullptr;
   if (factor_out != nullptr) {
-    s.F.assign((size_t)B * B, T(0));
+    if (s.F.size() < (size_t)B * B) s.F.resize((size_t)B * B);
     F = s.F.data();
   }
   const T inf = std::numeric_limits<T>::infinity();
@@ -319,10 +343,11 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     T* __restrict dg = s.diag.data();
     const T* __restrict rowp = L + (int64_t)p * ld;
     for (int i = 0; i < p; ++i) h[i] = rowp[i];
-    if (F != nullptr) {  // column t: the multipliers H(i, q)/H_qq of the survivors, and w_q at (q, t)
-      T* __restrict col = F + t;
-      for (int i = 0; i < p; ++i) col[(int64_t)s.orig[i] * B] = h[i] / d;
-      col[(int64_t)s.orig[p] * B] = w[p];
+    if (F != nullptr) {  // step t: the multipliers H(i, q)/H_qq of the survivors, and w_q at q
+      T* __restrict row = F + (int64_t)t * B;
+      const int* __restrict orig = s.orig.data();
+      for (int i = 0; i < p; ++i) row[orig[i]] = h[i] / d;
+      row[orig[p]] = w[p];
     }
     const T coef = w[p] / d;
     for (int i = 0; i < p; ++i) {
@@ -346,7 +371,7 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
   *bad_out = bad ? 1 : 0;
   // Every read of H0 happened before the first step, so factor_out may be H0 itself (in place); a
   // failed block keeps its input for the caller's float64 retry.
-  if (F != nullptr && !bad) std::copy(F, F + (size_t)B * B, factor_out);
+  if (F != nullptr && !bad) write_factor(F, order_out, nsteps, B, factor_out, s.pos);
 }
 
 

@@ -492,7 +492,7 @@ def section_frontend(items: Items, dry: bool) -> None:
 
 def section_tests(items: Items, dry: bool, budget: float) -> None:
     env = dict(os.environ, OVIT_POISON="1", OVIT_TRITON_AUTOTUNE="0", TRITON_INTERPRET="1" if dry else "0")
-    files = ["tests/test_backends.py", "tests/test_dispatch.py", "tests/test_sparse.py"]
+    files = ["tests/test_backends.py", "tests/test_dispatch.py", "tests/test_sparse.py", "tests/test_factored.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *files]
     try:
         import pytest_timeout  # noqa: F401

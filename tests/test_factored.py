@@ -174,3 +174,21 @@ def test_a_cpu_step_with_and_without_the_factor_gives_the_same_model():
         outs.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_reference_factor_on_a_gpu_matches_the_cpu(gen):
+    """CUDA tensors take the reference implementation of both ops (no GPU kernel has them):
+    same factor and final weights as on the CPU, in float64."""
+    w, h, mask, nm = elimination_inputs(3, 24, "mask", gen)
+    h = h.contiguous()
+    counts = torch.tensor([0, 9, 24])
+    f_cpu, f_gpu = h.clone(), h.cuda()
+    o_cpu, _ = ok.obs_prune_order_(w, f_cpu, mask=mask, backend="reference")
+    o_gpu, _ = ok.obs_prune_order_(w.cuda(), f_gpu, mask=mask.cuda())
+    assert torch.equal(o_gpu.cpu(), o_cpu)
+    torch.testing.assert_close(f_gpu.cpu(), f_cpu, rtol=1e-10, atol=1e-10)
+    w_cpu, k_cpu = ok.obs_reconstruct_factored(w, f_cpu, o_cpu, counts, mask=mask, backend="reference")
+    w_gpu, k_gpu = ok.obs_reconstruct_factored(w.cuda(), f_gpu, o_gpu, counts.cuda(), mask=mask.cuda())
+    assert torch.equal(k_gpu.cpu(), k_cpu)
+    torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-10, atol=1e-10)

@@ -15,7 +15,7 @@ the inverses intact (a Cholesky of H[S,S] per block for the final weights).
 
     python bench/bench_cpu.py                   # the table (Markdown) and bench/out/bench_cpu.json
     python bench/bench_cpu.py --under-load      # the same with another process busy on one core
-    pytest bench/bench_cpu.py --benchmark-only  # pytest-benchmark view of the ovit phases
+    pytest bench/bench_cpu.py --benchmark-only  # pytest-benchmark: the pipeline, each op, the original
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from baselines import fisher_rank_one, greedy_with_traces  # noqa: E402
+from baselines import fisher_rank_one, greedy_with_traces, select_and_rebuild_loop  # noqa: E402
 
 import ovit_kernels as ok  # noqa: E402
 
@@ -235,11 +235,77 @@ def prob():
     return problem()
 
 
+def _backend() -> str:
+    return "cpu" if ok.available_backends()["cpu"].available else "reference"
+
+
 def test_ovit_cpu_pipeline(benchmark, prob):
     """Fisher + elimination + selection + final weights at the DeiT-Tiny block."""
-    backend = "cpu" if ok.available_backends()["cpu"].available else "reference"
+    backend = _backend()
     benchmark.extra_info.update(backend=backend, block=B, num_grads=M)
     benchmark.pedantic(lambda: ovit_phases(prob, backend), rounds=2, iterations=1)
+
+
+@pytest.fixture(scope="module")
+def stages_in(prob):
+    """The inputs of each op after the Fisher: inverses, orders, losses, counts (cpu backend)."""
+    backend = _backend()
+    finvs = {name: ok.fisher_inverse(g, B, DAMP, method="gram", backend=backend) for name, (g, _) in prob.items()}
+    out = {name: ok.obs_prune_order(w, finvs[name], backend=backend) for name, (_, w) in prob.items()}
+    counts = ok.prune_counts([out[n][1] for n in prob], SPARSITY, backend=backend)
+    return finvs, out, dict(zip(prob, counts))
+
+
+OPS = ["fisher", "elimination", "elimination_in_place", "selection", "final_weights", "final_weights_cholesky",
+       "original_fisher", "original_elimination_and_lookup"]  # fmt: skip
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_op(benchmark, prob, stages_in, op):
+    """Each op at the DeiT-Tiny block, all layers, the cpu backend; the original code's approach
+    (bench/baselines.py) for the Fisher and for the elimination with its trace lookup."""
+    backend = _backend()
+    finvs, elim, counts = stages_in
+    benchmark.extra_info.update(backend=backend, block=B, num_grads=M, op=op)
+    factors = {}
+
+    def fresh_factors():  # the in-place ops consume their inverses: a copy per round, not timed
+        factors.clear()
+        factors.update({n: f.clone() for n, f in finvs.items()})
+        return (), {}
+
+    def final_factored():
+        for name, (_, w) in prob.items():
+            ok.obs_reconstruct_factored(w, factors[name], elim[name][0], counts[name], backend=backend)
+
+    def factors_of_elimination():
+        fresh_factors()
+        for name, (_, w) in prob.items():
+            ok.obs_prune_order_(w, factors[name], backend=backend)
+        return (), {}
+
+    def original_elimination_and_lookup():
+        for name, (_, w) in prob.items():
+            losses, _, trace = greedy_with_traces(w, finvs[name])
+            select_and_rebuild_loop(losses, trace, SPARSITY)
+
+    runs = {
+        "fisher": lambda: [ok.fisher_inverse(g, B, DAMP, method="gram", backend=backend) for g, _ in prob.values()],
+        "elimination": lambda: [ok.obs_prune_order(w, finvs[n], backend=backend) for n, (_, w) in prob.items()],
+        "elimination_in_place": lambda: [
+            ok.obs_prune_order_(w, factors[n], backend=backend) for n, (_, w) in prob.items()
+        ],  # fmt: skip
+        "selection": lambda: ok.prune_counts([elim[n][1] for n in prob], SPARSITY, backend=backend),
+        "final_weights": final_factored,
+        "final_weights_cholesky": lambda: [
+            ok.obs_reconstruct(w, finvs[n], elim[n][0], counts[n], backend=backend) for n, (_, w) in prob.items()
+        ],  # fmt: skip
+        "original_fisher": lambda: [fisher_rank_one(g, B, DAMP, M) for g, _ in prob.values()],
+        "original_elimination_and_lookup": original_elimination_and_lookup,
+    }
+    setup = {"elimination_in_place": fresh_factors, "final_weights": factors_of_elimination}.get(op)
+    rounds = 1 if op.startswith("original") else 3
+    benchmark.pedantic(runs[op], setup=setup, rounds=rounds, iterations=1)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ inline void axpy_rows(T* __restrict row, const T* __restrict h, T a, int len) {
 template <typename T>
 struct ElimScratch {
   std::vector<T> L, w, diag, pen, h, sc, F;
-  std::vector<int> orig, pos, lost, pending;
+  std::vector<int> orig, pos, lost, pending, last;
 };
 
 // Swap active positions a < b = n − 1 (rows and columns of the symmetric matrix, every array).
@@ -371,7 +371,7 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
   *bad_out = bad ? 1 : 0;
   // Every read of H0 happened before the first step, so factor_out may be H0 itself (in place); a
   // failed block keeps its input for the caller's float64 retry.
-  if (F != nullptr && !bad) write_factor(F, order_out, nsteps, B, factor_out, s.pos);
+  if (F != nullptr && !bad) write_factor(F, order_out, nsteps, B, factor_out, s.last);
 }
 
 

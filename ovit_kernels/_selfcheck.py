@@ -160,48 +160,55 @@ def _elimination_problem(case: Case, gen: torch.Generator):
     return w, h, mask, _variant_nm(case.variant)
 
 
+def _elimination_matches(got: tuple, want: tuple, dtype: torch.dtype) -> tuple[bool, str, int]:
+    """(ok, text, steps compared): a kernel's (order, loss, bad) against the reference's (order,
+    loss); float32 is held to the first half of the steps, where it agrees with float64."""
+    order, loss, bad = got
+    o_ref, l_ref = want
+    steps = o_ref.shape[1] if dtype == torch.float64 else max(1, o_ref.shape[1] // 2)
+    if bool(bad.any()):
+        return False, f"flagged blocks {bad.nonzero().flatten().tolist()} as failed on a positive definite input", 0
+    text = _order_mismatch(order, o_ref, steps)
+    if text is not None:
+        return False, text, 0
+    r = mismatch(loss[:, :steps], l_ref[:, :steps], TOLERANCE[dtype])
+    return r["ok"], r["text"], steps
+
+
+def _reconstruction_matches(got: tuple, want: tuple, dtype: torch.dtype) -> tuple[bool, str]:
+    """A kernel's (w_new, keep, bad) against the reference's (w_new, keep)."""
+    w_out, keep, bad = got
+    w_ref, keep_ref = want
+    if bool(bad.any()) or not torch.equal(keep.cpu(), keep_ref.cpu()):
+        return False, "the kept/pruned mask differs from the reference"
+    r = mismatch(w_out, w_ref, TOLERANCE[dtype])
+    return r["ok"], r["text"]
+
+
 def _probe_prune_order(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
     w, h, mask, nm = _elimination_problem(case, gen)
     o_ref, l_ref, _ = reference.obs_prune_order(w, h, mask, nm)
-    order, loss, bad = fn(w.to(case.dtype), h.to(case.dtype), mask, nm)
-    if bool(bad.any()):
-        return False, f"flagged blocks {bad.nonzero().flatten().tolist()} as failed on a positive definite input"
-    steps = o_ref.shape[1] if case.dtype == torch.float64 else max(1, o_ref.shape[1] // 2)
-    text = _order_mismatch(order, o_ref, steps)
-    if text is not None:
-        return False, text
-    r = mismatch(loss[:, :steps], l_ref[:, :steps], TOLERANCE[case.dtype])
-    return r["ok"], r["text"]
+    ok, text, _ = _elimination_matches(fn(w.to(case.dtype), h.to(case.dtype), mask, nm), (o_ref, l_ref), case.dtype)
+    return ok, text
 
 
 def _probe_reconstruct(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
     w, h, _, _ = _elimination_problem(case, gen)
     order, _, _ = reference.obs_prune_order(w, h, None, None)
     counts = torch.tensor([case.block // 2, case.block], device=case.device)
-    w_ref, keep_ref, _ = reference.obs_reconstruct(w, h, order, counts)
-    w_out, keep, bad = fn(w.to(case.dtype), h.to(case.dtype), order, counts)
-    if bool(bad.any()) or not torch.equal(keep.cpu(), keep_ref.cpu()):
-        return False, "the kept/pruned mask differs from the reference"
-    r = mismatch(w_out, w_ref, TOLERANCE[case.dtype])
-    return r["ok"], r["text"]
+    want = reference.obs_reconstruct(w, h, order, counts)[:2]
+    return _reconstruction_matches(fn(w.to(case.dtype), h.to(case.dtype), order, counts), want, case.dtype)
 
 
 def _probe_prune_order_(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
     """The order, the losses and the factor left in the inverses' storage, against the reference."""
     w, h, mask, nm = _elimination_problem(case, gen)
-    f_ref = h.clone()
+    f_ref = h.clone(memory_format=torch.contiguous_format)
     o_ref, l_ref, _ = reference.obs_prune_order_(w, f_ref, mask, nm)
-    fac = h.to(case.dtype).contiguous()
-    order, loss, bad = fn(w.to(case.dtype), fac, mask, nm)
-    if bool(bad.any()):
-        return False, f"flagged blocks {bad.nonzero().flatten().tolist()} as failed on a positive definite input"
-    steps = o_ref.shape[1] if case.dtype == torch.float64 else max(1, o_ref.shape[1] // 2)
-    text = _order_mismatch(order, o_ref, steps)
-    if text is not None:
-        return False, text
-    r = mismatch(loss[:, :steps], l_ref[:, :steps], TOLERANCE[case.dtype])
-    if not r["ok"]:
-        return False, r["text"]
+    fac = h.to(case.dtype).clone(memory_format=torch.contiguous_format)
+    ok, text, steps = _elimination_matches(fn(w.to(case.dtype), fac, mask, nm), (o_ref, l_ref), case.dtype)
+    if not ok:
+        return ok, text
     r = mismatch(fac[:, :, :steps], f_ref[:, :, :steps], TOLERANCE[case.dtype])
     return r["ok"], "factor: " + r["text"]
 
@@ -209,15 +216,11 @@ def _probe_prune_order_(fn: Callable, case: Case, gen: torch.Generator) -> tuple
 def _probe_reconstruct_factored(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:
     """Final weights from the reference's factor against the reference's replay."""
     w, h, _, _ = _elimination_problem(case, gen)
-    fac = h.clone()
+    fac = h.clone(memory_format=torch.contiguous_format)
     order, _, _ = reference.obs_prune_order_(w, fac, None, None)
     counts = torch.tensor([case.block // 2, case.block], device=case.device)
-    w_ref, keep_ref, _ = reference.obs_reconstruct(w, h, order, counts)
-    w_out, keep, bad = fn(w.to(case.dtype), fac.to(case.dtype), order, counts)
-    if bool(bad.any()) or not torch.equal(keep.cpu(), keep_ref.cpu()):
-        return False, "the kept/pruned mask differs from the reference"
-    r = mismatch(w_out, w_ref, TOLERANCE[case.dtype])
-    return r["ok"], r["text"]
+    want = reference.obs_reconstruct(w, h, order, counts)[:2]
+    return _reconstruction_matches(fn(w.to(case.dtype), fac.to(case.dtype), order, counts), want, case.dtype)
 
 
 def _probe_scores(fn: Callable, case: Case, gen: torch.Generator) -> tuple[bool, str]:

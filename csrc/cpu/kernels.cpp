@@ -535,6 +535,18 @@ T sym_lower_matvec(const T* __restrict H, const T* __restrict v, T* __restrict d
   return probe;
 }
 
+// 0 if the first `steps` entries of ord are distinct positions in [0, B); else 2 (one outside) or
+// 3 (one repeated), the codes of the reconstruction kernels.
+inline uint8_t order_code(const int64_t* ord, int steps, int B, std::vector<int>& seen) {
+  seen.assign(B, 0);
+  for (int t = 0; t < steps; ++t) {
+    const int64_t o = ord[t];
+    if (o < 0 || o >= B) return 2;
+    if (seen[o]++) return 3;
+  }
+  return 0;
+}
+
 // Codes of bad_out: 1 a pivot or a diagonal entry that was not positive, or NaN/Inf among what the
 // block reads (H's lower triangle, w);
 // 2 a position outside [0, B) in order; 3 a position repeated in order.
@@ -542,17 +554,9 @@ template <typename T>
 void reconstruct_block(const T* w0, const T* H, const int64_t* ord, int steps, int k, int B, T* w_out,
                        uint8_t* pruned_out, uint8_t* bad_out, RecScratch<T>& s) {
   constexpr int V = kVecBytes / sizeof(T);
-  s.seen.assign(B, 0);
-  for (int t = 0; t < steps; ++t) {
-    const int64_t o = ord[t];
-    if (o < 0 || o >= B) {
-      *bad_out = 2;
-      return;
-    }
-    if (s.seen[o]++) {
-      *bad_out = 3;
-      return;
-    }
+  if (const uint8_t code = order_code(ord, steps, B, s.seen)) {
+    *bad_out = code;
+    return;
   }
   for (int x = 0; x < B; ++x) pruned_out[x] = 0;
   for (int i = 0; i < k; ++i) pruned_out[ord[i]] = 1;
@@ -607,17 +611,9 @@ void reconstruct_block(const T* w0, const T* H, const int64_t* ord, int steps, i
 template <typename T>
 void reconstruct_factored_block(const T* w0, const T* F, const int64_t* ord, int steps, int k, int B, T* w_out,
                                 uint8_t* pruned_out, uint8_t* bad_out, RecScratch<T>& s) {
-  s.seen.assign(B, 0);
-  for (int t = 0; t < steps; ++t) {
-    const int64_t o = ord[t];
-    if (o < 0 || o >= B) {
-      *bad_out = 2;
-      return;
-    }
-    if (s.seen[o]++) {
-      *bad_out = 3;
-      return;
-    }
+  if (const uint8_t code = order_code(ord, steps, B, s.seen)) {
+    *bad_out = code;
+    return;
   }
   s.z.resize(std::max(k, 1));
   T* a = s.z.data();

@@ -191,14 +191,7 @@ def obs_prune_order(
     Returns ``(order, loss, bad)``: int64 (nb, steps), ``finv.dtype`` (nb, steps), and a (nb,)
     bool that is True for blocks that met a pivot H_qq <= 0 or a non-finite score.
     """
-    nb, b = w.shape
-    steps = prune_steps(b, nm)
-    order = torch.empty(nb, steps, dtype=torch.int64, device=w.device)
-    loss = torch.empty(nb, steps, dtype=finv.dtype, device=w.device)
-    bad = torch.empty(nb, dtype=torch.bool, device=w.device)
-    for sl in _block_pieces(nb, b * b * finv.element_size()):
-        order[sl], loss[sl], bad[sl], _ = _eliminate(w[sl], finv[sl], None if mask is None else mask[sl], nm)
-    return order, loss, bad
+    return _prune_order(w, finv, mask, nm, in_place=False)
 
 
 def obs_prune_order_(
@@ -215,18 +208,25 @@ def obs_prune_order_(
     step t (0 for a masked entry); 0 elsewhere. The weights after k steps are then
     w − Σ_{t<k} F[q_t, t] · F[:, t] (see :func:`obs_reconstruct_factored`).
     """
+    return _prune_order(w, finv, mask, nm, in_place=True)
+
+
+def _prune_order(
+    w: torch.Tensor, finv: torch.Tensor, mask: torch.Tensor | None, nm: tuple[int, int] | None, in_place: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nb, b = w.shape
     steps = prune_steps(b, nm)
     order = torch.empty(nb, steps, dtype=torch.int64, device=w.device)
     loss = torch.empty(nb, steps, dtype=finv.dtype, device=w.device)
     bad = torch.empty(nb, dtype=torch.bool, device=w.device)
-    for sl in _block_pieces(nb, 2 * b * b * finv.element_size()):
+    per_block = (2 if in_place else 1) * b * b * finv.element_size()  # the factor is a second copy
+    for sl in _block_pieces(nb, per_block):
         order[sl], loss[sl], bad[sl], fac = _eliminate(
-            w[sl], finv[sl], None if mask is None else mask[sl], nm, factor=True
+            w[sl], finv[sl], None if mask is None else mask[sl], nm, factor=in_place
         )
-        assert fac is not None
-        good = ~bad[sl]
-        finv[sl][good] = fac[good]
+        if fac is not None:
+            good = ~bad[sl]
+            finv[sl][good] = fac[good]
     return order, loss, bad
 
 
@@ -360,7 +360,7 @@ def obs_reconstruct_factored(
         delta = torch.bmm(cols, a.unsqueeze(-1)).squeeze(-1)  # only the columns t < k are read
     pruned = torch.zeros(nb, b, dtype=torch.bool, device=w.device).scatter_(1, o, take)
     w_new = torch.where(pruned, torch.zeros_like(delta), w.to(dt) - delta)
-    bad = ~torch.isfinite(torch.where(take, a, torch.zeros_like(a))).all(1) | ~torch.isfinite(w_new).all(1)
+    bad = ~torch.isfinite(a).all(1) | ~torch.isfinite(w_new).all(1)  # a: zero past each block's count
     return w_new.to(w.dtype), ~pruned, bad
 
 

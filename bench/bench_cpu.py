@@ -14,7 +14,7 @@ factor in the inverses' memory, the final weights are read from it) and the path
 the inverses intact (a Cholesky of H[S,S] per block for the final weights).
 
     python bench/bench_cpu.py                   # the table (Markdown) and bench/out/bench_cpu.json
-    python bench/bench_cpu.py --under-load      # the same with another process busy on one core
+    python bench/bench_cpu.py --under-load      # also idle/busy pairs of runs, another process busy on one core
     pytest bench/bench_cpu.py --benchmark-only  # pytest-benchmark: the pipeline, each op, the original
 """
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -161,11 +163,56 @@ def busy_process() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "x = 0\nwhile True:\n    x = (x * 31 + 7) % 1000003"])
 
 
+def _timed(prob: dict, backend: str) -> dict:
+    """One run of the one-shot path: its phases, wall seconds and CPU seconds (all threads)."""
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    phases = ovit_phases(prob, backend)
+    wall = time.perf_counter() - t0
+    return {"phases": phases, "wall": wall, "cpu": _cpu_seconds() - c0}
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def under_load(prob: dict, backend: str, pairs: int) -> dict:
+    """The one-shot path idle and with a busy process, in adjacent pairs (idle run, then busy run,
+    ``pairs`` times), so that the host's drift (neighbours, frequency) hits both halves of a ratio
+    alike. Per pair: wall and CPU seconds of each run and their ratio; the median ratio, the
+    median CPU seconds per run and the cores obtained (CPU seconds / wall seconds), beside the
+    fair share a process of ``threads`` busy threads gets among ``threads + 1`` on this machine's
+    cores."""
+    out = []
+    for _ in range(pairs):
+        idle = _timed(prob, backend)
+        p = busy_process()
+        try:
+            time.sleep(0.3)
+            load = _timed(prob, backend)
+        finally:
+            p.kill()
+            p.wait()
+        out.append({"idle": idle, "load": load, "ratio": load["wall"] / idle["wall"]})
+    threads = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    return {
+        "pairs": out,
+        "median_ratio": statistics.median(p["ratio"] for p in out),
+        "cpu_s_idle": statistics.median(p["idle"]["cpu"] for p in out),
+        "cpu_s_load": statistics.median(p["load"]["cpu"] for p in out),
+        "cores_idle": statistics.median(p["idle"]["cpu"] / p["idle"]["wall"] for p in out),
+        "cores_load": statistics.median(p["load"]["cpu"] / p["load"]["wall"] for p in out),
+        "fair_share": min(threads, cores * threads / (threads + 1)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--under-load", action="store_true", help="also time the ovit phases with a busy process")
+    ap.add_argument("--load-pairs", type=int, default=5, help="idle/busy pairs of runs for --under-load")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args()
@@ -186,12 +233,8 @@ def main() -> None:
     if not args.skip_baseline:
         report["original"] = _min_phases([baseline_phases(prob) for _ in range(args.reps)])
     if args.under_load:
-        p = busy_process()
-        try:
-            time.sleep(0.5)
-            report["ovit_under_load"] = _min_phases([ovit_phases(prob, backend) for _ in range(args.reps)])
-        finally:
-            p.kill()
+        report["under_load"] = under_load(prob, backend, args.load_pairs)
+        report["ovit_under_load"] = _min_phases([p["load"]["phases"] for p in report["under_load"]["pairs"]])
     phases = ["fisher", "elimination", "selection", "final_weights"]
     rows = [
         ("ovit " + backend, report["ovit"]),
@@ -222,9 +265,16 @@ def main() -> None:
             r = sum(report[key][p] for p in sel) / sum(o[p] for p in sel)
             report[f"selection_and_final_vs_lookup_{key}"] = r
             print(f"selection + final weights ({label}): {r:.2f}× the original's trace lookup")
-    if "ovit_under_load" in report:
-        report["load_slowdown"] = sum(report["ovit_under_load"].values()) / sum(report["ovit"].values())
-        print(f"with one core busy: {report['load_slowdown']:.2f}× the idle time")
+    if "under_load" in report:
+        u = report["under_load"]
+        each = ", ".join(f"{p['ratio']:.2f}" for p in u["pairs"])
+        report["load_slowdown"] = u["median_ratio"]
+        print(
+            f"with one core busy: {u['median_ratio']:.2f}× the idle time (median of {len(u['pairs'])} adjacent"
+            f" idle/busy pairs: {each}); CPU-s per run"
+            f" {u['cpu_s_idle']:.2f} idle, {u['cpu_s_load']:.2f} busy; cores obtained {u['cores_idle']:.2f} idle,"
+            f" {u['cores_load']:.2f} busy (fair share {u['fair_share']:.2f})"
+        )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_cpu.json"), "w") as f:
         json.dump(report, f, indent=1)

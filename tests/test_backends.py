@@ -234,14 +234,16 @@ def test_cpu_kernels_give_the_same_results_on_one_and_two_threads(gen):
 
 
 @pytest.mark.skipif(not ok.available_backends()["cpu"].available, reason="the cpu backend is not built")
-def test_cpu_gram_writes_its_fresh_state_then_accumulates(gen):
+@pytest.mark.parametrize("b", [1, 9, 16, 37, 203])
+def test_cpu_gram_writes_its_fresh_state_then_accumulates(b, gen):
     """The CPU Gram kernel writes the first chunk into an uninitialised (poisoned) state and adds
-    the later ones: chunks (an empty one first) equal the whole on the reference."""
-    g = torch.randn(23, 5 * 16, generator=gen, dtype=torch.float64)
-    acc = ok.FisherInverse(80, 16, 1e-2, dtype=torch.float64, backend="cpu")
+    the later ones: chunks (an empty one first) equal the whole on the reference. Block sizes
+    around the kernels' vector, tile and sweep-panel widths (4 or 8, 12 or 24, 16 pivots)."""
+    g = torch.randn(23, 5 * b, generator=gen, dtype=torch.float64)
+    acc = ok.FisherInverse(5 * b, b, 1e-2, dtype=torch.float64, backend="cpu")
     for lo, hi in ((0, 0), (0, 7), (7, 8), (8, 23)):
         acc.update(g[lo:hi])
-    want = ok.FisherInverse(80, 16, 1e-2, dtype=torch.float64, backend="reference")
+    want = ok.FisherInverse(5 * b, b, 1e-2, dtype=torch.float64, backend="reference")
     want.update(g)
     torch.testing.assert_close(acc.gram(), want.gram(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(acc.compute(), want.compute(), rtol=1e-9, atol=1e-9)

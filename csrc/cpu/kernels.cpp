@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -35,64 +36,129 @@ inline T& up(T* U, int B, int i, int j) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The one micro-kernel: C (upper triangle, n×n, row stride ldc) += Aᵀ B for A, B (k × n, row
-// stride ld ≥ n rounded up to kTc, zero-padded), in kTr × kTc register tiles over the k rows.
+// The one micro-kernel: C (upper triangle, n×n, row stride ldc) += Aᵀ B for A, B (k × n) given as
+// panels: kW consecutive columns of a k-row matrix, stored row after row (entry (l, j) at
+// panel j/kW, offset l·kW + j%kW), zero past n and up to a whole column tile. A tile is kW rows
+// (one panel of A, broadcast) × kNV·kW columns (kNV panels of B, one vector register each); its
+// operands are read sequentially from panels small enough to stay in L1 while a column tile's
+// row tiles pass over the same panels of B. Vectors of kW doubles: 8 (one 512-bit register) with
+// AVX-512, 4 otherwise.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kTr = 4, kTc = 16;
+// Scratch aligned to cache lines, so that vector loads and stores never straddle two lines.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const LineAligned&) const { return true; }
+  bool operator!=(const LineAligned&) const { return false; }
+};
+using Scratch64 = std::vector<double, LineAligned<double>>;
 
-inline int padded(int n) { return (n + kTc - 1) / kTc * kTc; }
+#if defined(__AVX512F__)
+constexpr int kW = 8;
+#else
+constexpr int kW = 4;
+#endif
+constexpr int kNV = 3;             // vectors per tile row: 24 (12) columns, 24 (12) accumulators
+constexpr int kTile = kNV * kW;    // a column tile's width
+typedef double vec __attribute__((vector_size(kW * sizeof(double)), aligned(sizeof(double))));
 
-void syrk_upper(double* __restrict C, int ldc, const double* __restrict A, const double* __restrict Bm, int ld, int n,
-                int64_t k) {
-  for (int r0 = 0; r0 < n; r0 += kTr) {
-    for (int c0 = r0 / kTc * kTc; c0 < n; c0 += kTc) {
-      double acc[kTr][kTc] = {};
-      const double* a = A + r0;
-      const double* b = Bm + c0;
-      for (int64_t l = 0; l < k; ++l, a += ld, b += ld) {
+// Panels that hold n columns, rounded up to whole column tiles.
+inline int panels(int n) { return (n + kTile - 1) / kTile * kNV; }
+
+// Panel storage of a k-row matrix with n columns, zeroed when its size changes: the callers
+// write only columns below n, so the padding stays 0 (it reaches only outputs that are dropped).
+inline void panel_storage(Scratch64& out, int64_t k, int n) {
+  const size_t size = (size_t)panels(n) * k * kW;
+  if (out.size() != size) out.assign(size, 0.0);
+}
+
+inline double& panel_at(double* P, int64_t k, int64_t l, int j) { return P[(j / kW) * k * kW + l * kW + j % kW]; }
+
+// With store, C = Aᵀ B instead (its upper triangle; C is not read).
+void syrk_upper(double* __restrict C, int ldc, const double* __restrict A, const double* __restrict Bm, int n,
+                int64_t k, bool store = false) {
+  const int64_t ps = k * kW;  // one panel
+  for (int c0 = 0; c0 < n; c0 += kTile) {
+    const double* b = Bm + (c0 / kW) * ps;
+    for (int r0 = 0; r0 < n && r0 < c0 + kTile; r0 += kW) {
+      vec acc[kW][kNV] = {};
+      const double* a = A + (r0 / kW) * ps;
+      for (int r = 0; r < kW && r0 + r < n; ++r)  // the tile of C, on its way to L1 while the sums run
+        for (int v = 0; v < kNV; ++v) __builtin_prefetch(C + (int64_t)(r0 + r) * ldc + c0 + v * kW, 1);
+      for (int64_t l = 0; l < k; ++l) {
+        const double* bl = b + l * kW;
+        vec bv[kNV];
+#pragma GCC unroll 4
+        for (int v = 0; v < kNV; ++v) bv[v] = *reinterpret_cast<const vec*>(bl + v * ps);
+        const double* al = a + l * kW;
 #pragma GCC unroll 8
-        for (int rr = 0; rr < kTr; ++rr) {
-          const double av = a[rr];
-#pragma GCC unroll 8
-          for (int cc = 0; cc < kTc; ++cc) acc[rr][cc] += av * b[cc];
+        for (int r = 0; r < kW; ++r) {
+          const double av = al[r];
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) acc[r][v] += av * bv[v];
         }
       }
-      if (c0 >= r0 + kTr - 1 && r0 + kTr <= n && c0 + kTc <= n) {  // a whole tile above the diagonal
-        for (int rr = 0; rr < kTr; ++rr) {
-          double* c = C + (int64_t)(r0 + rr) * ldc + c0;
+      if (r0 + kW <= n && c0 + kTile <= n) {  // a whole tile (entries below the diagonal included)
 #pragma GCC unroll 8
-          for (int cc = 0; cc < kTc; ++cc) c[cc] += acc[rr][cc];
+        for (int r = 0; r < kW; ++r) {
+          double* c = C + (int64_t)(r0 + r) * ldc + c0;
+#pragma GCC unroll 4
+          for (int v = 0; v < kNV; ++v) {
+            vec* cv = reinterpret_cast<vec*>(c + v * kW);
+            *cv = store ? acc[r][v] : *cv + acc[r][v];
+          }
         }
         continue;
       }
-      for (int rr = 0; rr < kTr && r0 + rr < n; ++rr)
-        for (int cc = 0; cc < kTc && c0 + cc < n; ++cc)
-          if (c0 + cc >= r0 + rr) C[(int64_t)(r0 + rr) * ldc + c0 + cc] += acc[rr][cc];
+      for (int r = 0; r < kW && r0 + r < n; ++r)
+        for (int v = 0; v < kNV; ++v)
+          for (int e = 0; e < kW && c0 + v * kW + e < n; ++e) {
+            double& c = C[(int64_t)(r0 + r) * ldc + c0 + v * kW + e];
+            c = store ? acc[r][v][e] : c + acc[r][v][e];
+          }
     }
   }
 }
 
-// Returns the number of NaN/Inf gradient entries of the block (accumulated all the same).
-template <typename G>
-int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64_t col0, std::vector<double>& x,
-                   bool overwrite) {
-  const int Bp = padded(B) + kTr;  // room for a row tile that starts near B
-  if (overwrite)  // a fresh state: zeroed here, in this thread's cache, instead of a pass over all of it first
-    std::fill(g, g + (int64_t)B * B, 0.0);
-  x.assign((size_t)k * Bp, 0.0);
-  int64_t nonfinite = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const G* src = grads + i * N + col0;
-    double* dst = x.data() + i * Bp;
-    for (int c = 0; c < B; ++c) {
-      dst[c] = static_cast<double>(src[c]);
-      nonfinite += !std::isfinite(dst[c]);
-    }
-  }
-  syrk_upper(g, B, x.data(), x.data(), Bp, B, k);
+// Mirrors the upper triangle of a B×B row-major matrix into its lower one.
+void mirror_upper(double* g, int B) {
   for (int r = 1; r < B; ++r)
     for (int c = 0; c < r; ++c) g[(int64_t)r * B + c] = g[(int64_t)c * B + r];
+}
+
+// Returns the number of NaN/Inf gradient entries of the block (accumulated all the same).
+template <typename G>
+int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64_t col0, Scratch64& x,
+                   bool overwrite) {
+  panel_storage(x, k, B);
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < k; ++i) {  // each gradient's slice read once, in order, into the panels
+    const G* src = grads + i * N + col0;
+    for (int j0 = 0; j0 < B; j0 += kW) {
+      double* dst = x.data() + (j0 / kW) * k * kW + i * kW;
+      if (j0 + kW <= B) {
+#pragma GCC unroll 8
+        for (int c = 0; c < kW; ++c) {
+          const double v = static_cast<double>(src[j0 + c]);
+          dst[c] = v;
+          nonfinite += !(std::fabs(v) <= std::numeric_limits<double>::max());  // NaN or ±Inf
+        }
+        continue;
+      }
+      for (int c = 0; j0 + c < B; ++c) {
+        dst[c] = static_cast<double>(src[j0 + c]);
+        nonfinite += !std::isfinite(dst[c]);
+      }
+    }
+  }
+  syrk_upper(g, B, x.data(), x.data(), B, k, overwrite);  // a fresh state is written, never read
+  mirror_upper(g, B);
   return nonfinite;
 }
 
@@ -103,77 +169,97 @@ int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kPanel = 16;
+static_assert(kPanel % kW == 0, "a panel of pivots starts on a vector boundary");
 
 // Unblocked sweep of a small symmetric matrix (full storage, n×n): X ← −X⁻¹; false if a pivot
-// was not positive (then X is not positive definite).
-bool sweep_small(double* X, int n) {
+// was not positive (then X is not positive definite). Each pivot is one rank-one update of the
+// whole matrix (a vector loop over every row), after which the pivot's row and column are set.
+bool sweep_small(double* X, int n, double* rk) {
   bool ok = true;
   for (int k = 0; k < n; ++k) {
     const double d = X[k * n + k];
     if (!(d > 0.0) || !std::isfinite(d)) ok = false;
     const double inv = 1.0 / d;
+    for (int j = 0; j < n; ++j) rk[j] = X[k * n + j];
     for (int i = 0; i < n; ++i) {
-      if (i == k) continue;
-      const double a = X[i * n + k] * inv;
-      for (int j = 0; j < n; ++j)
-        if (j != k) X[i * n + j] -= a * X[k * n + j];
+      const double a = rk[i] * inv;  // X(i, k) / d (X symmetric)
+      double* xi = X + i * n;
+      for (int j = 0; j < n; ++j) xi[j] -= a * rk[j];
     }
-    for (int i = 0; i < n; ++i)
-      if (i != k) {
-        X[i * n + k] *= inv;
-        X[k * n + i] *= inv;
-      }
+    for (int j = 0; j < n; ++j) {
+      X[k * n + j] = rk[j] * inv;
+      X[j * n + k] = rk[j] * inv;
+    }
     X[k * n + k] = -inv;
   }
   return ok;
 }
 
 struct SweepScratch {
-  std::vector<double> pan, y, x;
+  Scratch64 pan, y, x, rk;
 };
 
 // U: B×B, upper triangle (row stride B). Returns false if F was not positive definite.
 bool sweep_all(double* U, int B, SweepScratch& s) {
-  const int Bp = padded(B) + kTr;
   bool ok = true;
+  const int nq = (B + kW - 1) / kW;  // panels holding the B columns
   for (int p0 = 0; p0 < B; p0 += kPanel) {
     const int pw = std::min(kPanel, B - p0);
-    s.pan.assign((size_t)pw * Bp, 0.0);  // rows P of the symmetric matrix
-    s.y.assign((size_t)pw * Bp, 0.0);    // −A_PP⁻¹ A_P·
+    panel_storage(s.pan, pw, B);  // rows P of the symmetric matrix (pw × B), as panels
+    panel_storage(s.y, pw, B);    // −A_PP⁻¹ A_P·, as panels
     s.x.resize((size_t)pw * pw);
+    s.rk.resize(pw);
     double* pan = s.pan.data();
+    double* y = s.y.data();
     // rows P of the symmetric matrix, read along the upper triangle's rows: columns P of rows
     // j < p0 (contiguous runs of pw), then rows P from the diagonal on
     for (int j = 0; j < p0; ++j) {
       const double* src = U + (int64_t)j * B + p0;
-      for (int r = 0; r < pw; ++r) pan[(int64_t)r * Bp + j] = src[r];
+      for (int r = 0; r < pw; ++r) panel_at(pan, pw, r, j) = src[r];
     }
-    for (int r = 0; r < pw; ++r) {
-      const double* src = U + (int64_t)(p0 + r) * B;
-      for (int j = p0; j < p0 + r; ++j) pan[(int64_t)r * Bp + j] = U[(int64_t)j * B + p0 + r];
-      for (int j = p0 + r; j < B; ++j) pan[(int64_t)r * Bp + j] = src[j];
+    for (int r = 0; r < pw; ++r) {  // (p0 is a multiple of kW: whole vectors from the row, then
+      const double* src = U + (int64_t)(p0 + r) * B;  // the entries left of the diagonal from above it)
+      int j = p0;
+      for (; j + kW <= B; j += kW)
+        *reinterpret_cast<vec*>(&panel_at(pan, pw, r, j)) = *reinterpret_cast<const vec*>(src + j);
+      for (; j < B; ++j) panel_at(pan, pw, r, j) = src[j];
+      for (j = p0; j < p0 + r; ++j) panel_at(pan, pw, r, j) = U[(int64_t)j * B + p0 + r];
     }
     double* X = s.x.data();
     for (int r = 0; r < pw; ++r)
-      for (int c = 0; c < pw; ++c) X[r * pw + c] = pan[(int64_t)r * Bp + p0 + c];
-    ok = sweep_small(X, pw) && ok;  // X = −A_PP⁻¹
-    double* y = s.y.data();
-    for (int r = 0; r < pw; ++r)
-      for (int c = 0; c < pw; ++c) {
-        const double a = X[r * pw + c];
-        const double* src = pan + (int64_t)c * Bp;
-        double* dst = y + (int64_t)r * Bp;
-        for (int j = 0; j < B; ++j) dst[j] += a * src[j];
+      for (int c = 0; c < pw; ++c) X[r * pw + c] = panel_at(pan, pw, r, p0 + c);
+    ok = sweep_small(X, pw, s.rk.data()) && ok;  // X = −A_PP⁻¹
+    for (int q = 0; q < nq; ++q) {  // y = X · (rows P), a panel at a time, 8 rows of y at once
+      const double* pq = pan + (int64_t)q * pw * kW;  // (independent sums: the FMA latency hidden)
+      double* yq = y + (int64_t)q * pw * kW;
+      int r = 0;
+      for (; r + 8 <= pw; r += 8) {
+        vec acc[8] = {};
+        for (int c = 0; c < pw; ++c) {
+          const vec pv = *reinterpret_cast<const vec*>(pq + c * kW);
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i) acc[i] += X[(r + i) * pw + c] * pv;
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) *reinterpret_cast<vec*>(yq + (r + i) * kW) = acc[i];
       }
-    syrk_upper(U, B, pan, y, Bp, B, pw);  // A_RR += A_RP (−A_PP⁻¹) A_PR (rows/cols in P are rewritten below)
+      for (; r < pw; ++r) {
+        vec acc = {};
+        for (int c = 0; c < pw; ++c) acc += X[r * pw + c] * *reinterpret_cast<const vec*>(pq + c * kW);
+        *reinterpret_cast<vec*>(yq + r * kW) = acc;
+      }
+    }
+    syrk_upper(U, B, pan, y, B, pw);  // A_RR += A_RP (−A_PP⁻¹) A_PR (rows/cols in P are rewritten below)
     for (int j = 0; j < p0; ++j) {  // A_PR ← A_PP⁻¹ A_PR, written along the same rows
       double* dst = U + (int64_t)j * B + p0;
-      for (int r = 0; r < pw; ++r) dst[r] = -y[(int64_t)r * Bp + j];
+      for (int r = 0; r < pw; ++r) dst[r] = -panel_at(y, pw, r, j);
     }
-    for (int r = 0; r < pw; ++r) {
+    for (int r = 0; r < pw; ++r) {  // (p0 + pw is a multiple of kW, or B)
       double* dst = U + (int64_t)(p0 + r) * B;
-      const double* src = y + (int64_t)r * Bp;
-      for (int j = p0 + pw; j < B; ++j) dst[j] = -src[j];
+      int j = p0 + pw;
+      for (; j + kW <= B; j += kW)
+        *reinterpret_cast<vec*>(dst + j) = -*reinterpret_cast<const vec*>(&panel_at(y, pw, r, j));
+      for (; j < B; ++j) dst[j] = -panel_at(y, pw, r, j);
     }
     for (int r = 0; r < pw; ++r)
       for (int c = r; c < pw; ++c) U[(int64_t)(p0 + r) * B + p0 + c] = X[r * pw + c];
@@ -644,7 +730,7 @@ int64_t gram_update(double* gram, const G* grads, int64_t nb, int B, int64_t k, 
   check_block(B);
   if (N != nb * B) throw std::invalid_argument("grads must have nb*B columns");
   const int t = std::max(1, threads);
-  std::vector<std::vector<double>> scratch(t);
+  std::vector<Scratch64> scratch(t);
   std::vector<int64_t> nonfinite(t, 0);
   parallel_for(nb, threads, [&](int64_t b, int tid) {
     nonfinite[tid] +=
@@ -660,7 +746,7 @@ void damped_inverse(const double* gram, int64_t nb, int B, double inv_m, double 
                     uint8_t* ok, int threads) {
   check_block(B);
   struct Scratch {
-    std::vector<double> U;
+    Scratch64 U;
     SweepScratch sweep;
   };
   std::vector<Scratch> scratch(std::max(1, threads));
@@ -681,20 +767,28 @@ void damped_inverse(const double* gram, int64_t nb, int B, double inv_m, double 
     }
     bool good = sweep_all(U, B, s.sweep);
     T* o = out + b * (int64_t)B * B;
-    double probe = 0.0;
+    int nonfinite = 0;  // an integer OR: a vector reduction, unlike a floating-point sum
     for (int i = 0; i < B; ++i) {  // the upper triangle, then the lower one by 8×8 tiles
       const double* src = U + (int64_t)i * B;
       T* dst = o + (int64_t)i * B;
       for (int j = i; j < B; ++j) {
         dst[j] = static_cast<T>(-src[j]);
-        probe += src[j] * 0.0;  // NaN iff an entry is NaN or infinite
+        nonfinite |= !(std::fabs(src[j]) <= std::numeric_limits<double>::max());  // NaN or ±Inf
       }
     }
     for (int i0 = 0; i0 < B; i0 += 8)
-      for (int j0 = 0; j0 <= i0; j0 += 8)
+      for (int j0 = 0; j0 <= i0; j0 += 8) {
+        if (j0 + 8 <= i0 && i0 + 8 <= B) {  // a whole tile below the diagonal: fixed-size loops
+#pragma GCC unroll 8
+          for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) o[(int64_t)(i0 + i) * B + j0 + j] = o[(int64_t)(j0 + j) * B + i0 + i];
+          continue;
+        }
         for (int i = i0; i < std::min(B, i0 + 8); ++i)
           for (int j = j0; j < std::min(i, j0 + 8); ++j) o[(int64_t)i * B + j] = o[(int64_t)j * B + i];
-    ok[b] = good && probe == 0.0 ? 1 : 0;
+      }
+    ok[b] = good && !nonfinite ? 1 : 0;
   });
 }
 

@@ -5,7 +5,9 @@
 // inner loop runs over contiguous memory and vectorises. The greedy elimination also keeps its
 // active set compact: the pivot is swapped to the last active position, so the active block is
 // always the leading n×n one and every step touches (B − t)²/2 entries: B³/6 in all per block
-// instead of the B³ of a fixed layout.
+// instead of the B³ of a fixed layout; those updates are applied kPending steps at a time, so
+// the triangle (L2-resident) is streamed once per kPending steps. The dense kernels (the Gram,
+// the Gauss–Jordan sweep) run one register-tiled micro-kernel over operands packed in panels.
 
 #include "ovit_cpu.h"
 
@@ -274,21 +276,118 @@ bool sweep_all(double* U, int B, SweepScratch& s) {
 // the weight update and the argmin are vector loops.
 // ---------------------------------------------------------------------------------------------
 
-// The trailing update row by row: row[j] −= a·h[j] for j < len, in whole vectors (the scratch
-// rows are padded, and the entries past the diagonal are never read).
+// The trailing updates are delayed: each step's column h_t and multipliers c_t = h_t / d_t join a
+// pending set, the stored triangle lags behind by the pending steps (true entry (i, j) = stored
+// − Σ_pending c(i) h(j)), a pivot's column is corrected when it is read (n·K multiply-adds), and
+// every kPending steps the whole set is applied in one pass over the triangle: the triangle,
+// which does not fit in L1, is read and written once per kPending steps instead of once per step.
+// The diagonal and the weights, which the scores need at every step, are updated at once.
+constexpr int kPending = 16;
+
+// One 64-byte vector of T, unaligned (a trait: attributes on a dependent type in an alias
+// template are dropped).
 template <typename T>
-inline void axpy_rows(T* __restrict row, const T* __restrict h, T a, int len) {
+struct WideOf;
+template <>
+struct WideOf<float> {
+  typedef float type __attribute__((vector_size(64), aligned(sizeof(float))));
+};
+template <>
+struct WideOf<double> {
+  typedef double type __attribute__((vector_size(64), aligned(sizeof(double))));
+};
+
+// rows[i][j] −= Σ_k c_k(i) h_k(j) for i < n, j < i, in whole vectors (rows padded to ld; the
+// entries from the diagonal on are never read). Two rows at a time, 4 vectors of each: 8
+// independent sums hide the FMA latency, and each h_k vector loaded serves both rows.
+template <typename T>
+void apply_pending(T* __restrict L, int ld, int n, const T* __restrict C, const T* __restrict Hk, int np, int ldp) {
   constexpr int V = 64 / sizeof(T);
-  for (int j0 = 0; j0 < len; j0 += V) {
-#pragma GCC unroll 16
-    for (int c = 0; c < V; ++c) row[j0 + c] -= a * h[j0 + c];
+  using vt = typename WideOf<T>::type;
+  static_assert(sizeof(vt) == 64, "one 64-byte vector");
+  auto rest = [&](T* row, const T* ci, int v0, int v1) {  // vectors [v0, v1) of one row
+    for (int v = v0; v < v1; ++v) {
+      vt a = *reinterpret_cast<const vt*>(row + v * V);
+      for (int k = 0; k < np; ++k) a -= ci[k] * *reinterpret_cast<const vt*>(Hk + (int64_t)k * ldp + v * V);
+      *reinterpret_cast<vt*>(row + v * V) = a;
+    }
+  };
+  int i = 1;
+  for (; i + 1 < n; i += 2) {
+    T* r0 = L + (int64_t)i * ld;
+    T* r1 = r0 + ld;
+    T c0[kPending], c1[kPending];
+    for (int k = 0; k < np; ++k) {
+      c0[k] = C[(int64_t)k * ldp + i];
+      c1[k] = C[(int64_t)k * ldp + i + 1];
+    }
+    const int nv0 = (i + V - 1) / V, nv1 = (i + V) / V;  // row i + 1 has at most one vector more
+    int v = 0;
+    for (; v + 4 <= nv0; v += 4) {
+      vt a[4], b[4];
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        a[u] = *reinterpret_cast<const vt*>(r0 + (v + u) * V);
+        b[u] = *reinterpret_cast<const vt*>(r1 + (v + u) * V);
+      }
+      for (int k = 0; k < np; ++k) {
+        const T* hk = Hk + (int64_t)k * ldp + v * V;
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const vt h = *reinterpret_cast<const vt*>(hk + u * V);
+          a[u] -= c0[k] * h;
+          b[u] -= c1[k] * h;
+        }
+      }
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        *reinterpret_cast<vt*>(r0 + (v + u) * V) = a[u];
+        *reinterpret_cast<vt*>(r1 + (v + u) * V) = b[u];
+      }
+    }
+    rest(r0, c0, v, nv0);
+    rest(r1, c1, v, nv1);
+  }
+  if (i < n) {
+    T ci[kPending];
+    for (int k = 0; k < np; ++k) ci[k] = C[(int64_t)k * ldp + i];
+    rest(L + (int64_t)i * ld, ci, 0, (i + V - 1) / V);
+  }
+}
+
+// The pivot's column, h[i] = row[i] − Σ_k cp[k] h_k(i) for i < len (whole vectors: h and the
+// rows are padded to ld), 4 independent vectors at a time.
+template <typename T>
+void pending_column(T* __restrict h, const T* __restrict row, const T* cp, const T* __restrict Hk, int np, int ld,
+                    int len) {
+  constexpr int V = 64 / sizeof(T);
+  using vt = typename WideOf<T>::type;
+  const int nv = (len + V - 1) / V;
+  int v = 0;
+  for (; v + 4 <= nv; v += 4) {
+    vt a[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) a[u] = *reinterpret_cast<const vt*>(row + (v + u) * V);
+    for (int k = 0; k < np; ++k) {
+      const T* hk = Hk + (int64_t)k * ld + v * V;
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) a[u] -= cp[k] * *reinterpret_cast<const vt*>(hk + u * V);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) *reinterpret_cast<vt*>(h + (v + u) * V) = a[u];
+  }
+  for (; v < nv; ++v) {
+    vt a = *reinterpret_cast<const vt*>(row + v * V);
+    for (int k = 0; k < np; ++k) a -= cp[k] * *reinterpret_cast<const vt*>(Hk + (int64_t)k * ld + v * V);
+    *reinterpret_cast<vt*>(h + v * V) = a;
   }
 }
 
 template <typename T>
 struct ElimScratch {
-  std::vector<T> L, w, diag, pen, h, sc, F;
-  std::vector<int> orig, pos, lost, pending, last;
+  std::vector<T> L, w, diag, pen, F;
+  std::vector<T, LineAligned<T>> pc, ph;  // pending multipliers and columns (kPending × ld each)
+  std::vector<int> orig, pos, lost, pending;
 };
 
 // Swap active positions a < b = n − 1 (rows and columns of the symmetric matrix, every array).
@@ -309,53 +408,57 @@ void swap_positions(ElimScratch<T>& s, int ld, int a, int b) {
   s.pos[s.orig[b]] = b;
 }
 
+// Integer lanes beside a 64-byte vector of T: the compare masks' type, and 32-bit ints with as
+// many lanes (the original indices are stored as int).
+template <typename T>
+struct LanesOf {
+  using vt = typename WideOf<T>::type;
+  using mask = decltype(vt{} < vt{});
+  typedef int32_t i32 __attribute__((vector_size(64 / sizeof(T) * 4), aligned(4)));
+};
+
 // argmin of w²/diag + pen over positions [0, n): the lowest score, ties to the lowest original
-// index; NaN scores never win. Returns -1 when every score is NaN.
+// index; NaN scores never win. Returns -1 when every score is NaN. One pass of 64-byte vectors
+// keeping each lane's best score and its original index (the arrays are padded to whole
+// vectors; lanes from n on count as NaN), then a reduction over the lanes.
 template <typename T>
 int argmin_score(ElimScratch<T>& s, int n) {
+  constexpr int V = 64 / sizeof(T);
+  using vt = typename LanesOf<T>::vt;
+  using mt = typename LanesOf<T>::mask;
+  using i32 = typename LanesOf<T>::i32;
   const T inf = std::numeric_limits<T>::infinity();
-  T* __restrict sc = s.sc.data();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
   const T* __restrict w = s.w.data();
   const T* __restrict d = s.diag.data();
   const T* __restrict pen = s.pen.data();
-  T best = inf;
-  bool any = false;
-  for (int j = 0; j < n; ++j) {
-    const T v = w[j] * w[j] / d[j] + pen[j];
-    sc[j] = v;
-    any |= (v == v);
-    best = v < best ? v : best;  // NaN compares false: never taken
+  const int* __restrict orig = s.orig.data();
+  vt lane;
+  for (int c = 0; c < V; ++c) lane[c] = T(c);
+  vt best = vt{} + inf;
+  mt best_orig = mt{} + std::numeric_limits<int>::max();
+  mt any = mt{};
+  for (int j0 = 0; j0 < n; j0 += V) {
+    const vt wv = *reinterpret_cast<const vt*>(w + j0);
+    vt v = wv * wv / *reinterpret_cast<const vt*>(d + j0) + *reinterpret_cast<const vt*>(pen + j0);
+    v = lane + T(j0) < T(n) ? v : vt{} + nan;
+    const mt ov = __builtin_convertvector(*reinterpret_cast<const i32*>(orig + j0), mt);
+    any |= v == v;
+    const mt take = (v < best) | ((v == best) & (ov < best_orig));  // NaN compares false: never taken
+    best = take ? v : best;
+    best_orig = take ? ov : best_orig;
   }
-  if (!any) return -1;
-  int q = -1, q_orig = std::numeric_limits<int>::max();
-  for (int j = 0; j < n; ++j)
-    if (sc[j] == best && s.orig[j] < q_orig) {
-      q = j;
-      q_orig = s.orig[j];
-    }
-  return q;
-}
-
-// factor(x, t) = Ft(t, x) for t ≤ last step of x (its own elimination, or the last step when it
-// survives all), 0 after: a transpose in tiles of 16×16 (Ft's rows were written only where the
-// position was still present).
-template <typename T>
-void write_factor(const T* __restrict Ft, const int64_t* order, int nsteps, int B, T* __restrict out,
-                  std::vector<int>& last) {
-  last.assign(B, nsteps - 1);
-  for (int t = 0; t < nsteps; ++t) last[order[t]] = t;
-  constexpr int kT = 16;
-  for (int x0 = 0; x0 < B; x0 += kT) {
-    const int x1 = std::min(B, x0 + kT);
-    for (int t0 = 0; t0 < B; t0 += kT) {
-      const int t1 = std::min(B, t0 + kT);
-      for (int x = x0; x < x1; ++x) {
-        T* __restrict o = out + (int64_t)x * B;
-        const int lim = last[x];
-        for (int t = t0; t < t1; ++t) o[t] = t <= lim ? Ft[(int64_t)t * B + x] : T(0);
-      }
-    }
+  bool found = false;
+  T b = inf;
+  for (int c = 0; c < V; ++c) {
+    found |= any[c] != 0;
+    b = best[c] < b ? best[c] : b;
   }
+  if (!found) return -1;
+  int64_t q_orig = std::numeric_limits<int>::max();
+  for (int c = 0; c < V; ++c)
+    if (best[c] == b && best_orig[c] < q_orig) q_orig = best_orig[c];
+  return s.pos[q_orig];
 }
 
 template <typename T>
@@ -364,23 +467,25 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
   constexpr int V = 64 / sizeof(T);
   const int ld = (B + V - 1) / V * V;  // padded rows: the update runs in whole vectors
   s.L.assign((size_t)B * ld, T(0));
-  for (auto* v : {&s.w, &s.diag, &s.pen, &s.sc}) v->resize(B);
-  s.h.assign(ld, T(0));
-  s.orig.resize(B);
+  for (auto* v : {&s.w, &s.diag, &s.pen}) v->assign(ld, T(0));  // padded: argmin's vectors
+  s.pc.assign((size_t)kPending * ld, T(0));
+  s.ph.assign((size_t)kPending * ld, T(0));
+  int np = 0;
+  s.orig.assign(ld, 0);
   s.pos.resize(B);
   T* L = s.L.data();
   bool bad = false;  // NaN/Inf in the inputs (read once here) or a failed pivot later
+  int nonfinite = 0;  // an integer OR: a vector reduction, unlike a floating-point sum
   for (int i = 0; i < B; ++i) {
     const T* src = H0 + (int64_t)i * B;
     T* dst = L + (int64_t)i * ld;
-    T probe = T(0);
     for (int j = 0; j <= i; ++j) {
       dst[j] = src[j];
-      probe += src[j] * T(0);  // NaN iff an entry is NaN or infinite
+      nonfinite |= !(std::fabs(src[j]) <= std::numeric_limits<T>::max());  // NaN or ±Inf
     }
-    probe += w0[i] * T(0);
-    bad |= probe != T(0);
+    nonfinite |= !(std::fabs(w0[i]) <= std::numeric_limits<T>::max());
   }
+  bad |= nonfinite != 0;
   s.pending.clear();
   for (int j = 0; j < B; ++j) {
     const bool pre = mask != nullptr && mask[j];
@@ -392,11 +497,14 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     if (pre) s.pending.push_back(j);
   }
   if (nm_m > 0) s.lost.assign(B / nm_m + 1, 0);
-  // The factor (see prune_order), built transposed here — row t holds step t's multipliers by
-  // original position, written while they are in cache — and written out once the block succeeded.
+  // The factor (see prune_order), built in its own layout in the scratch — step t writes column
+  // t, one entry per row, and the rows' lines stay in L1 for 64 bytes' worth of steps; entries
+  // after a position's elimination are never written and stay 0 — and copied out once the
+  // block succeeded.
   T* F = nullptr;
-  if (factor_out != nullptr) {
-    if (s.F.size() < (size_t)B * B) s.F.resize((size_t)B * B);
+  const int ldf = ld / V % 2 == 0 ? ld + V : ld;  // an odd number of lines: the rows' lines spread
+  if (factor_out != nullptr) {                     // over every L1 set instead of a sixteenth
+    s.F.assign((size_t)B * ldf, T(0));
     F = s.F.data();
   }
   const T inf = std::numeric_limits<T>::infinity();
@@ -424,27 +532,35 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
     loss_out[t] = cum;
     const int p = n - 1;
     swap_positions(s, ld, q, p);
-    T* __restrict h = s.h.data();
+    for (int k = 0; k < np; ++k) {  // the pending vectors follow the swap
+      std::swap(s.pc[(size_t)k * ld + q], s.pc[(size_t)k * ld + p]);
+      std::swap(s.ph[(size_t)k * ld + q], s.ph[(size_t)k * ld + p]);
+    }
+    T* __restrict h = s.ph.data() + (size_t)np * ld;  // this step's column joins the pending set
+    T* __restrict c = s.pc.data() + (size_t)np * ld;
     T* __restrict w = s.w.data();
     T* __restrict dg = s.diag.data();
     const T* __restrict rowp = L + (int64_t)p * ld;
-    for (int i = 0; i < p; ++i) h[i] = rowp[i];
+    T cp[kPending];
+    for (int k = 0; k < np; ++k) cp[k] = s.pc[(size_t)k * ld + p];
+    pending_column(h, rowp, cp, s.ph.data(), np, ld, p);
+    const T rd = T(1) / d;
+    for (int i = 0; i < p; ++i) c[i] = h[i] * rd;
     if (F != nullptr) {  // step t: the multipliers H(i, q)/H_qq of the survivors, and w_q at q
-      T* __restrict row = F + (int64_t)t * B;
+      T* __restrict col = F + t;
       const int* __restrict orig = s.orig.data();
-      for (int i = 0; i < p; ++i) row[orig[i]] = h[i] / d;
-      row[orig[p]] = w[p];
+      for (int i = 0; i < p; ++i) col[(int64_t)orig[i] * ldf] = c[i];
+      col[(int64_t)orig[p] * ldf] = w[p];
     }
-    const T coef = w[p] / d;
+    const T coef = w[p] * rd;
     for (int i = 0; i < p; ++i) {
       w[i] -= h[i] * coef;
-      dg[i] -= (h[i] / d) * h[i];
+      dg[i] -= c[i] * h[i];
     }
     w[p] = T(0);
-    for (int i = 0; i < p; ++i) {
-      T* __restrict row = L + (int64_t)i * ld;
-      axpy_rows(row, h, h[i] / d, i);
-      row[i] = dg[i];
+    if (++np == kPending && t + 1 < nsteps) {  // the triangle catches up with the pending steps
+      apply_pending(L, ld, p, s.pc.data(), s.ph.data(), np, ld);
+      np = 0;
     }
     if (nm_m > 0) {
       const int g = s.orig[p] / nm_m;
@@ -457,7 +573,8 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
   *bad_out = bad ? 1 : 0;
   // Every read of H0 happened before the first step, so factor_out may be H0 itself (in place); a
   // failed block keeps its input for the caller's float64 retry.
-  if (F != nullptr && !bad) write_factor(F, order_out, nsteps, B, factor_out, s.last);
+  if (F != nullptr && !bad)
+    for (int x = 0; x < B; ++x) std::memcpy(factor_out + (int64_t)x * B, F + (int64_t)x * ldf, sizeof(T) * B);
 }
 
 

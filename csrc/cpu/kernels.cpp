@@ -140,17 +140,18 @@ int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64
                    bool overwrite) {
   panel_storage(x, k, B);
   int64_t nonfinite = 0;
+  using mask = decltype(vec{} < vec{});
+  mask bad = mask{};
   for (int64_t i = 0; i < k; ++i) {  // each gradient's slice read once, in order, into the panels
     const G* src = grads + i * N + col0;
     for (int j0 = 0; j0 < B; j0 += kW) {
       double* dst = x.data() + (j0 / kW) * k * kW + i * kW;
-      if (j0 + kW <= B) {
-#pragma GCC unroll 8
-        for (int c = 0; c < kW; ++c) {
-          const double v = static_cast<double>(src[j0 + c]);
-          dst[c] = v;
-          nonfinite += !(std::fabs(v) <= std::numeric_limits<double>::max());  // NaN or ±Inf
-        }
+      if (j0 + kW <= B) {  // one vector: converted, stored, and checked by an integer OR
+        typedef G gv __attribute__((vector_size(kW * sizeof(G)), aligned(sizeof(G))));
+        const vec v = __builtin_convertvector(*reinterpret_cast<const gv*>(src + j0), vec);
+        *reinterpret_cast<vec*>(dst) = v;
+        vec a = v < 0 ? -v : v;
+        bad |= !(a <= std::numeric_limits<double>::max());  // NaN or ±Inf lanes
         continue;
       }
       for (int c = 0; j0 + c < B; ++c) {
@@ -159,6 +160,12 @@ int64_t gram_block(double* g, const G* grads, int B, int64_t k, int64_t N, int64
       }
     }
   }
+  bool any = false;
+  for (int c = 0; c < kW; ++c) any |= bad[c] != 0;
+  if (any)  // rare: count them (the caller reports how many)
+    for (int64_t i = 0; i < k; ++i)
+      for (int j = 0; j + kW <= B; j += kW)
+        for (int c = 0; c < kW; ++c) nonfinite += !std::isfinite(static_cast<double>(grads[i * N + col0 + j + c]));
   syrk_upper(g, B, x.data(), x.data(), B, k, overwrite);  // a fresh state is written, never read
   mirror_upper(g, B);
   return nonfinite;

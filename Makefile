@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ovit-installed
 # CI and laptops have no GPU: install pure Python (Triton runs under its interpreter in tests).
 BUILD_CUDA ?= 0
 
-.PHONY: demo test lint nvcc-check triton-check clean
+.PHONY: demo test lint nvcc-check triton-check bench-cpu-blocks clean
 
 # Include flags for csrc/bindings.cpp: the installed torch, Python, and a CUDA runtime header
 # (torch's pip CUDA headers, CUDA_HOME or /usr/local/cuda).
@@ -55,6 +55,13 @@ nvcc-check: $(STAMP)
 # the interpreter accepts but the GPU compiler rejects, and reports register spills.
 triton-check: $(STAMP)
 	$(BIN)/python bench/triton_compile_check.py --quick
+
+# Per-block cost of the CPU kernels, one thread, torch-free (bench/cpu_blocks.cpp).
+bench-cpu-blocks:
+	@mkdir -p build
+	$${CXX:-g++} -O3 -std=c++17 -pthread -march=$${OVIT_CPU_ARCH:-native} -Icsrc/cpu bench/cpu_blocks.cpp \
+	  csrc/cpu/kernels.cpp -o build/cpu_blocks
+	build/cpu_blocks
 
 clean:
 	rm -rf $(VENV) build *.egg-info ovit_kernels/_C*.so

@@ -37,6 +37,25 @@ inline T& up(T* U, int B, int i, int j) {
   return i <= j ? U[(int64_t)i * B + j] : U[(int64_t)j * B + i];
 }
 
+// Vectors of T (GCC vector extension) of a given byte width, element-aligned so that they load
+// and store unaligned. A class trait: attributes on a dependent type in an alias template are
+// dropped. Each section picks its width: Vec<T> (32 bytes) for the small-matrix reconstruction,
+// Vec<T, 64> for the elimination, the dense kernels one register of kW doubles.
+constexpr int kVecBytes = 32;
+
+template <typename T, int Bytes>
+struct VecOf;
+template <int Bytes>
+struct VecOf<float, Bytes> {
+  typedef float type __attribute__((vector_size(Bytes), aligned(sizeof(float))));
+};
+template <int Bytes>
+struct VecOf<double, Bytes> {
+  typedef double type __attribute__((vector_size(Bytes), aligned(sizeof(double))));
+};
+template <typename T, int Bytes = kVecBytes>
+using Vec = typename VecOf<T, Bytes>::type;
+
 // ---------------------------------------------------------------------------------------------
 // The one micro-kernel: C (upper triangle, n×n, row stride ldc) += Aᵀ B for A, B (k × n) given as
 // panels: kW consecutive columns of a k-row matrix, stored row after row (entry (l, j) at
@@ -68,7 +87,7 @@ constexpr int kW = 4;
 #endif
 constexpr int kNV = 3;             // vectors per tile row: 24 (12) columns, 24 (12) accumulators
 constexpr int kTile = kNV * kW;    // a column tile's width
-typedef double vec __attribute__((vector_size(kW * sizeof(double)), aligned(sizeof(double))));
+using vec = Vec<double, kW * sizeof(double)>;
 
 // Panels that hold n columns, rounded up to whole column tiles.
 inline int panels(int n) { return (n + kTile - 1) / kTile * kNV; }
@@ -291,26 +310,13 @@ bool sweep_all(double* U, int B, SweepScratch& s) {
 // The diagonal and the weights, which the scores need at every step, are updated at once.
 constexpr int kPending = 16;
 
-// One 64-byte vector of T, unaligned (a trait: attributes on a dependent type in an alias
-// template are dropped).
-template <typename T>
-struct WideOf;
-template <>
-struct WideOf<float> {
-  typedef float type __attribute__((vector_size(64), aligned(sizeof(float))));
-};
-template <>
-struct WideOf<double> {
-  typedef double type __attribute__((vector_size(64), aligned(sizeof(double))));
-};
-
 // dst = src − Σ_k coef[k] h_k over vectors [v0, v1) of a row (dst may be src), 4 independent
 // vectors at a time; always inlined (as a call it cost the elimination ~5%).
 template <typename T>
 __attribute__((always_inline)) inline void row_less_pending(T* dst, const T* src, const T* coef,
                                                             const T* __restrict Hk, int np, int ldp, int v0, int v1) {
   constexpr int V = 64 / sizeof(T);
-  using vt = typename WideOf<T>::type;
+  using vt = Vec<T, 64>;
   static_assert(sizeof(vt) == 64, "one 64-byte vector");
   int v = v0;
   for (; v + 4 <= v1; v += 4) {
@@ -338,7 +344,7 @@ __attribute__((always_inline)) inline void row_less_pending(T* dst, const T* src
 template <typename T>
 void apply_pending(T* __restrict L, int ld, int n, const T* __restrict C, const T* __restrict Hk, int np, int ldp) {
   constexpr int V = 64 / sizeof(T);
-  using vt = typename WideOf<T>::type;
+  using vt = Vec<T, 64>;
   int i = 1;
   for (; i + 1 < n; i += 2) {
     T* r0 = L + (int64_t)i * ld;
@@ -412,7 +418,7 @@ void swap_positions(ElimScratch<T>& s, int ld, int a, int b) {
 // many lanes (the original indices are stored as int).
 template <typename T>
 struct LanesOf {
-  using vt = typename WideOf<T>::type;
+  using vt = Vec<T, 64>;
   using mask = decltype(vt{} < vt{});
   typedef int32_t i32 __attribute__((vector_size(64 / sizeof(T) * 4), aligned(4)));
 };
@@ -588,22 +594,8 @@ void eliminate_block(const T* w0, const T* H0, const uint8_t* mask, int B, int n
 // ≈ (B³ − (B − k)³)/6 of a replay, whose rank-one steps also update the rows of the survivors.
 // ---------------------------------------------------------------------------------------------
 
-// One vector of T (GCC vector extension), loaded and stored unaligned. 32 bytes: on the AVX-512
-// machine measured, 64-byte vectors ran these small-matrix loops slower (block 62 → 45 µs at k = 144).
-constexpr int kVecBytes = 32;
-
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(kVecBytes)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(kVecBytes)));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
+// Vec<T> here: 32 bytes, loaded and stored unaligned. On the AVX-512 machine measured, 64-byte
+// vectors ran these small-matrix loops slower (block 62 → 45 µs at k = 144).
 
 template <typename T>
 inline Vec<T> load(const T* p) {

@@ -14,19 +14,23 @@ factor in the inverses' memory, the final weights are read from it) and the path
 the inverses intact (a Cholesky of H[S,S] per block for the final weights).
 
     python bench/bench_cpu.py                   # the table (Markdown) and bench/out/bench_cpu.json
-    python bench/bench_cpu.py --under-load      # also idle/busy pairs of runs, another process busy on one core
+    python bench/bench_cpu.py --under-load      # also idle/busy pairs (another process busy on one core),
+                                                # ours and a perfectly parallel control job in each
     pytest bench/bench_cpu.py --benchmark-only  # pytest-benchmark: the pipeline, each op, the original
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -176,25 +180,54 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def control_job(threads: int, items: int) -> dict:
+    """A perfectly parallel job to compare with: ``threads`` threads hashing a 1 MB buffer per item
+    (SHA-256 releases the GIL), items taken from a shared counter — all compute, a working set
+    within a core's L2, one join at the end. Its slowdown under a busy process is this machine's
+    own bound for a job of that many threads. Wall and CPU seconds."""
+    buf = bytes(1 << 20)
+    counter = itertools.count()
+
+    def work() -> None:
+        while next(counter) < items:
+            hashlib.sha256(buf).digest()
+
+    helpers = [threading.Thread(target=work) for _ in range(threads - 1)]
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    for h in helpers:
+        h.start()
+    work()
+    for h in helpers:
+        h.join()
+    return {"wall": time.perf_counter() - t0, "cpu": _cpu_seconds() - c0}
+
+
 def under_load(prob: dict, backend: str, pairs: int) -> dict:
     """The one-shot path idle and with a busy process, in adjacent pairs (idle run, then busy run,
     ``pairs`` times), so that the host's drift (neighbours, frequency) hits both halves of a ratio
     alike. Per pair: wall and CPU seconds of each run and their ratio; the median ratio, the
     median CPU seconds per run and the cores obtained (CPU seconds / wall seconds), beside the
     fair share a process of ``threads`` busy threads gets among ``threads + 1`` on this machine's
-    cores."""
+    cores. In the same pairs, :func:`control_job` sized to the idle run's wall time: the ratio a
+    perfectly parallel job of the same threads gets on this machine under the same load."""
+    threads = torch.get_num_threads()
+    wall = _timed(prob, backend)["wall"]
+    probe = control_job(threads, 100)["wall"] / 100
+    items = max(100, round(wall / probe))
     out = []
     for _ in range(pairs):
-        idle = _timed(prob, backend)
+        idle, cidle = _timed(prob, backend), control_job(threads, items)
         p = busy_process()
         try:
             time.sleep(0.3)
-            load = _timed(prob, backend)
+            load, cload = _timed(prob, backend), control_job(threads, items)
         finally:
             p.kill()
             p.wait()
-        out.append({"idle": idle, "load": load, "ratio": load["wall"] / idle["wall"]})
-    threads = torch.get_num_threads()
+        out.append({
+            "idle": idle, "load": load, "ratio": load["wall"] / idle["wall"],
+            "control_idle": cidle, "control_load": cload, "control_ratio": cload["wall"] / cidle["wall"],
+        })  # fmt: skip
     cores = os.cpu_count() or 1
     return {
         "pairs": out,
@@ -204,6 +237,10 @@ def under_load(prob: dict, backend: str, pairs: int) -> dict:
         "cores_idle": statistics.median(p["idle"]["cpu"] / p["idle"]["wall"] for p in out),
         "cores_load": statistics.median(p["load"]["cpu"] / p["load"]["wall"] for p in out),
         "fair_share": min(threads, cores * threads / (threads + 1)),
+        "control_items": items,
+        "control_median_ratio": statistics.median(p["control_ratio"] for p in out),
+        "control_cores_idle": statistics.median(p["control_idle"]["cpu"] / p["control_idle"]["wall"] for p in out),
+        "control_cores_load": statistics.median(p["control_load"]["cpu"] / p["control_load"]["wall"] for p in out),
     }
 
 
@@ -212,7 +249,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--under-load", action="store_true", help="also time the ovit phases with a busy process")
-    ap.add_argument("--load-pairs", type=int, default=5, help="idle/busy pairs of runs for --under-load")
+    ap.add_argument("--load-pairs", type=int, default=9, help="idle/busy pairs of runs for --under-load")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args()
@@ -274,6 +311,12 @@ def main() -> None:
             f" idle/busy pairs: {each}); CPU-s per run"
             f" {u['cpu_s_idle']:.2f} idle, {u['cpu_s_load']:.2f} busy; cores obtained {u['cores_idle']:.2f} idle,"
             f" {u['cores_load']:.2f} busy (fair share {u['fair_share']:.2f})"
+        )
+        each = ", ".join(f"{p['control_ratio']:.2f}" for p in u["pairs"])
+        print(
+            f"a perfectly parallel job of the same threads in the same pairs (SHA-256 of 1 MB buffers,"
+            f" {u['control_items']} items): {u['control_median_ratio']:.2f}× ({each}); cores obtained"
+            f" {u['control_cores_idle']:.2f} idle, {u['control_cores_load']:.2f} busy"
         )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_cpu.json"), "w") as f:

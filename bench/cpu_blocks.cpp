@@ -1,6 +1,7 @@
 // Per-block cost of the CPU kernels, one thread, torch-free: the Gram update (k gradients), the
-// damped inverse, and the greedy elimination with and without its factor, at one block size,
-// with the blocks' data in cache (a few blocks, repeated) and streamed from memory (many).
+// damped inverse, the greedy elimination with and without its factor, and the final weights at
+// sparsity 3/4 (from the factor, and by a Cholesky of H[S,S] from the inverse), at one block
+// size, with the blocks' data in cache (a few blocks, repeated) and streamed from memory (many).
 //
 //   make bench-cpu-blocks            # B = 192, k = 128
 //   build/cpu_blocks 64 256          # B = 64, k = 256
@@ -61,12 +62,28 @@ void run(int B, int64_t k, int64_t nb, int reps) {
                            factor.data(), 1);
       },
       nb, reps);
+  std::vector<int64_t> counts(nb, (3 * B) / 4);
+  std::vector<float> w_out(nb * B);
+  std::vector<uint8_t> pruned(nb * B);
+  const double t_rec = best_us_per_block(
+      [&] {
+        reconstruct<float>(w.data(), finv.data(), order.data(), counts.data(), nb, B, B, w_out.data(), pruned.data(),
+                           bad.data(), 1);
+      },
+      nb, reps);
+  const double t_recf = best_us_per_block(
+      [&] {
+        reconstruct_factored<float>(w.data(), factor.data(), order.data(), counts.data(), nb, B, B, w_out.data(),
+                                    pruned.data(), bad.data(), 1);
+      },
+      nb, reps);
   const double b = B;
   const double f_gram = b * (b + 1) * k, f_inv = b * b * b, f_elim = b * b * b / 3;  // flops = 2 · multiply-adds
   std::printf("B=%d k=%lld nb=%lld (%s): Gram %.1f us (%.1f GFLOP/s)  inverse %.1f us (%.1f)  "
-              "elimination %.1f us (%.1f), with its factor %.1f us\n",
+              "elimination %.1f us (%.1f), with its factor %.1f us\n"
+              "  final weights at s = 3/4: by a Cholesky of H[S,S] %.1f us, from the factor %.1f us\n",
               B, (long long)k, (long long)nb, nb <= 4 ? "in cache" : "from memory", t_gram, f_gram / t_gram / 1e3,
-              t_inv, f_inv / t_inv / 1e3, t_elim, f_elim / t_elim / 1e3, t_fac);
+              t_inv, f_inv / t_inv / 1e3, t_elim, f_elim / t_elim / 1e3, t_fac, t_rec, t_recf);
 }
 
 }  // namespace

@@ -71,10 +71,15 @@ def run(
     device: str = "cuda",
     block_size: int = 192,
     grad_mode: str = "mini_batch",
+    damp: float = 1e-8,
+    damp_mode: str = "absolute",
+    seed: int = 0,
     **model_kw,
 ) -> list[dict]:
     """One-shot oViT at 50% on each timm model; one row per model (also printed as JSON).
-    ``grad_mode="per_sample"``: ``num_grads`` single-image gradients from passes of ``batch``.
+    ``grad_mode="per_sample"``: ``num_grads`` single-image gradients from passes of ``batch``
+    (give it ``damp_mode="relative"``: single-image gradients have a larger Fisher scale).
+    The random weights come from ``torch.manual_seed(seed)``, so a run is repeatable.
     ``device="cpu"`` with a tiny ``model_kw`` (e.g. ``img_size=32, depth=2``) and a small
     ``block_size`` dry-runs the script in seconds."""
     import timm
@@ -83,6 +88,7 @@ def run(
 
     rows = []
     for name in models:
+        torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **model_kw).to(device)
         size = model_kw.get("img_size", 224)
         thr = training_throughput(model, batch, 10 if device == "cuda" else 1, amp, device, size)
@@ -97,7 +103,8 @@ def run(
             method="ovit",
             block_size=block_size,
             num_grads=num_grads,
-            damp=1e-8,
+            damp=damp,
+            damp_mode=damp_mode,
             amp_dtype=amp,
             progress=False,
             grad_mode=grad_mode,
@@ -116,6 +123,7 @@ def run(
             "times": rep.times,
             "non_sampling_fraction": (total - samp) / total,
             "grad_mode": grad_mode,
+            "damp": f"{damp:g} {damp_mode}",
             "sampling_images_per_s": (rep.samples or rep.num_grads * batch) / samp * max(1, rep.passes),
             "training_images_per_s": thr,
             "peak_memory_GiB": (rep.peak_memory_bytes or 0) / 2**30,
@@ -137,11 +145,16 @@ def main() -> None:
     ap.add_argument("--num-grads", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--amp", choices=("none", "bf16"), default="bf16")
+    ap.add_argument("--grad-mode", choices=("mini_batch", "per_sample"), default="mini_batch")
+    ap.add_argument("--damp", type=float, default=1e-8)
+    ap.add_argument("--damp-mode", choices=("absolute", "relative"), default="absolute")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = ap.parse_args()
     amp = torch.bfloat16 if args.amp == "bf16" else None
     os.makedirs(args.out, exist_ok=True)
-    rows = run(args.models, args.num_grads, args.batch, amp)
+    rows = run(args.models, args.num_grads, args.batch, amp, grad_mode=args.grad_mode, damp=args.damp,
+               damp_mode=args.damp_mode, seed=args.seed)  # fmt: skip
     with open(os.path.join(args.out, "frontend_check.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

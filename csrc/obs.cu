@@ -222,8 +222,9 @@ __global__ void __launch_bounds__(16 * C, 1) damped_inverse_kernel(const double*
     const int j = p + kLanesPerRow * c;
     const double v = -a[c];
     if (r < B && j < B) {
-      if (!(v == v) || v == inf_of<double>() || v == -inf_of<double>()) good = 0;
-      ob[(int64_t)r * B + j] = T(v);
+      const T o = T(v);  // checked as stored: float may not hold a double entry
+      if (!(o == o) || o == inf_of<T>() || o == -inf_of<T>()) good = 0;
+      ob[(int64_t)r * B + j] = o;
     }
   }
   // every thread's verdict counts

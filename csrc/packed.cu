@@ -285,8 +285,9 @@ __global__ void __launch_bounds__(kThreads) damped_inverse_packed_kernel(const d
   for (int i = tid / 32; i < B; i += kWarps)
     for (int j = tid % 32; j < B; j += 32) {
       const double v = -sym(s.P, i, j, B);
-      if (!(v == v) || v == inf_val<double>() || v == -inf_val<double>()) good = 0;
-      ob[(int64_t)i * B + j] = T(v);
+      const T o = T(v);  // checked as stored: float may not hold a double entry
+      if (!(o == o) || o == inf_val<T>() || o == -inf_val<T>()) good = 0;
+      ob[(int64_t)i * B + j] = o;
     }
   good = __syncthreads_and(good);
   if (tid == 0) ok[blk] = good;

@@ -272,7 +272,9 @@ class FisherInverse:
 
         Raises:
             ValueError: no gradients, or fewer than ``num_grads`` (without ``allow_fewer``).
-            NotPositiveDefiniteError: a block is not positive definite or holds NaN/Inf.
+            NotPositiveDefiniteError: a block is not positive definite or holds NaN/Inf, also an
+                inverse past ``dtype``'s range (the state is kept: :meth:`gram` and
+                :meth:`from_gram` can try again, e.g. in float64).
         """
         if self._result is not None:
             return self._result
@@ -299,6 +301,17 @@ class FisherInverse:
             _, fn = _backend.implementation(case, self.backend)
             finv, ok = fn(self._state, m, self.damp, self.damp_mode, self.dtype)
             hint = "the damped Fisher failed its float64 Cholesky factorisation; use a larger damp"
+            if self.dtype != torch.float64:
+                hint = (
+                    f"the damped Fisher failed its float64 Cholesky factorisation, or its inverse does not fit "
+                    f"{self.dtype}: use a larger damp"
+                )
+                if self.damp_mode == "relative":
+                    hint += (
+                        "; with damp_mode='relative' a block whose gradients nearly vanish (a dead unit) gets a "
+                        "λ' as small as its Fisher and an inverse past float32's range: use dtype=torch.float64 "
+                        "or damp_mode='absolute'"
+                    )
         bad = (~ok).nonzero().flatten().tolist()
         if bad:
             what = "Fisher inverse is not positive definite or not finite"

@@ -130,7 +130,7 @@ def gram_inverse(
     (temporaries bounded by ``PIECE_BYTES``).
 
     Returns ``(finv, ok)``: (nb, B, B) in ``out_dtype`` and a (nb,) bool, False for blocks
-    that were not positive definite or gave NaN/Inf.
+    that were not positive definite or gave NaN/Inf (also past ``out_dtype``'s range).
     """
     nb, b, _ = gram.shape
     out = torch.empty(nb, b, b, dtype=out_dtype, device=gram.device)
@@ -139,8 +139,8 @@ def gram_inverse(
         f = damped_fisher(gram[sl], num_grads, damp, damp_mode)
         chol, info = torch.linalg.cholesky_ex(f)
         finv = torch.cholesky_inverse(chol)
-        ok[sl] = (info == 0) & torch.isfinite(finv).all(dim=(1, 2))
         out[sl] = finv
+        ok[sl] = (info == 0) & torch.isfinite(out[sl]).all(dim=(1, 2))
     return out, ok
 
 

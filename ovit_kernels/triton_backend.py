@@ -121,11 +121,11 @@ def _damped_inverse_kernel(g_ptr, out_ptr, ok_ptr, par_ptr, b, RELATIVE: tl.cons
         on_col = sel[None, :].to(tl.float64)
         a = tl.where(rowcol, c_over[:, None] * on_col + c_over[None, :] * on_row, a)
         a = tl.where(sel[:, None] & sel[None, :], -1.0 / d, a)
-    a = -a
-    nonfinite = tile & ((a != a) | (tl.abs(a) == float("inf")))
+    o = (-a).to(out_ptr.dtype.element_ty)  # checked as stored: float32 may not hold a float64 entry
+    nonfinite = tile & ((o != o) | (tl.abs(o) == float("inf")))
     finite = tl.sum(tl.sum(nonfinite.to(tl.int32), axis=1), axis=0) == 0
     ok = ok & finite.to(tl.int32)
-    tl.store(out_ptr + off, a.to(out_ptr.dtype.element_ty), mask=tile)
+    tl.store(out_ptr + off, o, mask=tile)
     tl.store(ok_ptr + blk, ok)
 
 

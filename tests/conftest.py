@@ -74,6 +74,13 @@ def emulated_cuda(request, monkeypatch):
     return mod
 
 
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Every test starts from the same global random state, so a model a test builds with random
+    weights (timm, torch.nn) is the same whichever tests ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def gen():
     """A seeded generator: every test draws fresh but reproducible random inputs."""
@@ -176,6 +183,24 @@ def original_woodbury_fp32(g: torch.Tensor, b: int, lam: float) -> torch.Tensor:
     from baselines import fisher_rank_one
 
     return fisher_rank_one(g.float(), b, lam, g.shape[0])
+
+
+def inverse_past_float32_range_is_refused(backend: str, dev: str, gen: torch.Generator, b: int = 12) -> None:
+    """A relative λ on a block whose gradients nearly vanish (a dead unit) is as small as that
+    block's Fisher, so its inverse (~1e43 here) lies past float32's range: compute() must refuse
+    the block, naming it, instead of returning ±Inf, and the same Gram in float64 gives it."""
+    import ovit_kernels as ok
+
+    g = torch.randn(4, 3 * b, generator=gen, dtype=torch.float64)
+    g[:, b : 2 * b] *= 1e-20
+    acc = ok.FisherInverse(3 * b, b, 1e-3, damp_mode="relative", backend=backend, name="fc1")
+    acc.update(g.to(dev))
+    with pytest.raises(ok.NotPositiveDefiniteError, match=r"'fc1': block\(s\) \[1\]\..*dtype=torch\.float64"):
+        acc.compute()
+    h = ok.FisherInverse.from_gram(acc.gram(), 4, 1e-3, damp_mode="relative", dtype=torch.float64,
+                                   backend=backend).compute()  # fmt: skip
+    assert torch.isfinite(h).all()
+    assert h[1].diagonal().min() > 1e30 and h[0].diagonal().max() < 1e10
 
 
 def image_folder(root, classes=("a", "b"), per_class: int = 4, size: int = 32, seed: int = 0) -> str:

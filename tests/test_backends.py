@@ -10,6 +10,7 @@ import torch
 from conftest import (
     diag_rel_err,
     elimination_inputs,
+    inverse_past_float32_range_is_refused,
     original_woodbury_fp32,
     random_fisher_inverse,
     woodbury_accuracy_problems,
@@ -122,6 +123,14 @@ def test_gram_inverse_reports_indefinite_block(backend, gen):
     acc._state[1] -= 10 * torch.eye(12, dtype=torch.float64, device=dev)
     with pytest.raises(ok.NotPositiveDefiniteError, match=r"'fc': block\(s\) \[1\]"):
         acc.compute()
+
+
+def test_gram_inverse_past_float32_range_is_refused(backend, gen):
+    inverse_past_float32_range_is_refused(backend, device_for(backend), gen)
+
+
+def test_reference_gram_inverse_past_float32_range_is_refused(gen):
+    inverse_past_float32_range_is_refused("reference", "cpu", gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

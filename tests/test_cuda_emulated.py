@@ -19,6 +19,7 @@ import torch
 from conftest import (
     diag_rel_err,
     elimination_inputs,
+    inverse_past_float32_range_is_refused,
     linear_ref,
     nm_mask,
     original_woodbury_fp32,
@@ -290,3 +291,10 @@ def test_no_data_races_under_thread_sanitizer(tmp_path):
     report = run.stdout + run.stderr
     assert "ThreadSanitizer" not in report, report[-6000:]
     assert run.returncode == 0 and "launch status 0" in report, report[-2000:]
+
+
+@pytest.mark.slow
+def test_packed_inverse_past_float32_range_is_refused(emulated_cuda, gen):
+    """The packed damped-inverse kernel (B > 128) checks its entries as stored, as the register
+    tile does (tests/test_backends.py): a float32 inverse past the range is refused."""
+    inverse_past_float32_range_is_refused("cuda", "cpu", gen, b=136)

@@ -881,8 +881,9 @@ void damped_inverse(const double* gram, int64_t nb, int B, double inv_m, double 
       const double* src = U + (int64_t)i * B;
       T* dst = o + (int64_t)i * B;
       for (int j = i; j < B; ++j) {
-        dst[j] = static_cast<T>(-src[j]);
-        nonfinite |= !(std::fabs(src[j]) <= std::numeric_limits<double>::max());  // NaN or ±Inf
+        const T v = static_cast<T>(-src[j]);
+        dst[j] = v;
+        nonfinite |= !(std::fabs(v) <= std::numeric_limits<T>::max());  // NaN or ±Inf, also past T's range
       }
     }
     for (int i0 = 0; i0 < B; i0 += 8)

@@ -125,6 +125,7 @@ def test_gram_inverse_reports_indefinite_block(backend, gen):
         acc.compute()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's cast
 def test_gram_inverse_past_float32_range_is_refused(backend, gen):
     inverse_past_float32_range_is_refused(backend, device_for(backend), gen)
 

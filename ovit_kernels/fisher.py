@@ -300,18 +300,15 @@ class FisherInverse:
             case = _backend.Case("gram_inverse", self.device, self.dtype, self.block_size, variant)
             _, fn = _backend.implementation(case, self.backend)
             finv, ok = fn(self._state, m, self.damp, self.damp_mode, self.dtype)
-            hint = "the damped Fisher failed its float64 Cholesky factorisation; use a larger damp"
-            if self.dtype != torch.float64:
-                hint = (
-                    f"the damped Fisher failed its float64 Cholesky factorisation, or its inverse does not fit "
-                    f"{self.dtype}: use a larger damp"
+            narrow = self.dtype != torch.float64  # the float64 result is rounded: it may not fit
+            fits = f", or its inverse does not fit {self.dtype}" if narrow else ""
+            hint = f"the damped Fisher failed its float64 Cholesky factorisation{fits}; use a larger damp"
+            if narrow and self.damp_mode == "relative":
+                hint += (
+                    "; with damp_mode='relative' a block whose gradients nearly vanish (a dead unit) gets a "
+                    f"λ' as small as its Fisher and an inverse past {self.dtype}'s range: use dtype=torch.float64 "
+                    "or damp_mode='absolute'"
                 )
-                if self.damp_mode == "relative":
-                    hint += (
-                        "; with damp_mode='relative' a block whose gradients nearly vanish (a dead unit) gets a "
-                        "λ' as small as its Fisher and an inverse past float32's range: use dtype=torch.float64 "
-                        "or damp_mode='absolute'"
-                    )
         bad = (~ok).nonzero().flatten().tolist()
         if bad:
             what = "Fisher inverse is not positive definite or not finite"
